@@ -1,0 +1,60 @@
+"""Model cards and Hub uploads for saved vqgpt folders (tokenizer or prior)."""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+# What a saved model folder consists of; checkpoints, images and logs stay local.
+MODEL_FILES = ["config.json", "model.safetensors", "generation_config.json", "README.md"]
+
+
+def write_model_card(directory: str, *, title: str, summary: str, metrics: dict[str, float], dataset: str | None,
+                     details: dict[str, object], tags: list[str], usage: str) -> None:  # fmt: skip
+    """README.md with YAML metadata and the measured metrics, in ``directory``."""
+    data = ModelCardData(library_name="vqgpt", tags=["vqgpt", *tags], datasets=[dataset] if dataset and "/" in dataset else None)  # fmt: skip
+    metric_rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items())
+    detail_rows = "\n".join(f"| {k} | {v} |" for k, v in details.items())
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {title}
+
+{summary}
+
+## Evaluation
+
+Measured on the held-out split at the end of training.
+
+| metric | value |
+|---|---|
+{metric_rows}
+
+## Training
+
+| setting | value |
+|---|---|
+{detail_rows}
+
+## Usage
+
+```python
+{usage.strip()}
+```
+"""
+    ModelCard(content).save(os.path.join(directory, "README.md"))
+
+
+def push_folder(folder: str, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload the model files of ``folder`` (config, weights, card) to ``repo_id``; returns the commit URL."""
+    present = [f for f in MODEL_FILES if os.path.exists(os.path.join(folder, f))]
+    if "config.json" not in present or "model.safetensors" not in present:
+        raise FileNotFoundError(f"{folder} has no saved model (config.json and model.safetensors); train it first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=present, commit_message="Upload vqgpt model"
+    )
+    return str(getattr(info, "commit_url", info))

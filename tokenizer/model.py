@@ -1,0 +1,197 @@
+"""The VQ-VAE image tokenizer: residual conv encoder -> EMA quantizer -> residual conv decoder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from torch import nn
+
+from .quantizer import EMAQuantizer
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1  # 1 for grayscale, 3 for RGB
+    channels: int = 64  # width of the first stage; doubled at every downsampling
+    max_channels: int = 256  # cap on the width so deep stacks stay affordable
+    num_downsamples: int = 2  # stride-2 steps; f = 2 ** num_downsamples (28 px -> 7x7 codes at f=4)
+    num_res_blocks: int = 2  # residual blocks at every resolution
+    num_codes: int = 512  # K
+    code_dim: int = 64  # D
+    beta: float = 0.25  # commitment weight of the VQ-VAE paper
+    decay: float = 0.99  # EMA decay of the codebook
+    eps: float = 1e-5  # Laplace smoothing of the code counts
+    dead_threshold: float = 1.0  # restart codes whose EMA count falls below one vector per step
+    kmeans_iters: int = 10  # Lloyd steps on the first batch; cheap and avoids early dead codes
+    seed: int = 0  # seeds initialisation and restart draws
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2**self.num_downsamples
+
+
+PRESETS: dict[str, VQVAEConfig] = {
+    # For tests: trains in seconds on a CPU; 28 px -> 7x7 codes.
+    "tiny": VQVAEConfig(channels=16, num_res_blocks=1, num_codes=64, code_dim=16, kmeans_iters=2),
+    # Fashion-MNIST / MNIST on a CPU: 28x28 grayscale -> 7x7 codes from 512.
+    "fashion-mnist": VQVAEConfig(channels=32, num_res_blocks=2, num_codes=512, code_dim=32),
+    # 32-64 px RGB (CIFAR-10, small crops): 32 px -> 8x8 codes, 64 px -> 16x16.
+    "rgb-32": VQVAEConfig(in_channels=3, channels=96, num_res_blocks=2, num_codes=1024, code_dim=64),
+}
+
+
+def get_config(preset: str, **overrides) -> VQVAEConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, max(1, ch // 4)), ch)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block: GN-SiLU-conv3x3-GN-SiLU-conv1x1 (VQ-VAE paper, with GroupNorm)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  _norm(ch), nn.SiLU(), nn.Conv2d(ch, ch, 1))  # fmt: skip
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _widths(cfg: VQVAEConfig) -> list[int]:
+    return [min(cfg.channels * 2**i, cfg.max_channels) for i in range(cfg.num_downsamples + 1)]
+
+
+class Encoder(nn.Module):
+    """Strided convs down to the code grid, then residual blocks there, where they are cheap."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        w = _widths(cfg)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)]
+        for i in range(cfg.num_downsamples):
+            layers += [nn.SiLU(), nn.Conv2d(w[i], w[i + 1], 4, stride=2, padding=1)]  # (H, W) -> (H/2, W/2)
+        layers += [ResBlock(w[-1]) for _ in range(cfg.num_res_blocks)]
+        layers += [_norm(w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, D, H/f, W/f)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: residual blocks on the code grid, then transposed convs up."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        w = _widths(cfg)[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, w[0], 3, padding=1)]
+        layers += [ResBlock(w[0]) for _ in range(cfg.num_res_blocks)]
+        layers += [_norm(w[0])]
+        for i in range(cfg.num_downsamples):
+            layers += [nn.SiLU(), nn.ConvTranspose2d(w[i], w[i + 1], 4, stride=2, padding=1)]  # (h, w) -> (2h, 2w)
+        layers += [nn.SiLU(), nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, q):  # (B, D, h, w) -> (B, C, h*f, w*f)
+        return self.net(q)
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor  # (B, C, H, W), unclamped
+    indices: torch.Tensor  # (B, h, w)
+    loss: torch.Tensor  # reconstruction + commitment
+    reconstruction_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    stats: dict = field(default_factory=dict)  # perplexity, usage, restarted, counts
+
+
+class VQVAE(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="vqgpt",
+    tags=["vq-vae", "image-tokenizer", "vqgpt"],
+    repo_url="https://github.com/vqgpt/vqgpt",
+):
+    """VQ-VAE image tokenizer. Images are float (B, C, H, W) in [-1, 1]; H and W divisible by f."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = EMAQuantizer(
+            config.num_codes, config.code_dim, beta=config.beta, decay=config.decay, eps=config.eps,
+            dead_threshold=config.dead_threshold, kmeans_iters=config.kmeans_iters, seed=config.seed,
+        )  # fmt: skip
+        self.decoder = Decoder(config)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def code_grid(self, height: int, width: int) -> tuple[int, int]:
+        f = self.downsample_factor
+        return height // f, width // f
+
+    def check_images(self, x: torch.Tensor) -> None:
+        c, f = self.config.in_channels, self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"images have shape {tuple(x.shape)}; expected (B, {c}, H, W) with {c} channel(s)")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor f={f}; "
+                "pad or resize the images (--pad-to-multiple / --resolution)"
+            )
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        self.check_images(x)
+        z = self.encoder(x)
+        q = self.quantizer(z)
+        recon = self.decoder(q.quantized)
+        rec_loss = F.mse_loss(recon.float(), x.float())
+        stats = {"perplexity": q.perplexity, "usage": q.usage, "restarted": q.restarted, "counts": q.counts}
+        return VQVAEOutput(recon, q.indices, rec_loss + q.loss, rec_loss, q.loss, stats)
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> code indices (B, H/f, W/f), long."""
+        self.check_images(x)
+        return self.quantizer.nearest_grid(self.encoder(x))
+
+    @torch.inference_mode()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
+        return self.decoder(self.quantizer.lookup(indices.long())).clamp(-1, 1)
+
+    # -- Hub: strict loading, the mixin's default is strict=False ----------------------------
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
+                         local_files_only=False, token=None, map_location="cpu", strict=True, **model_kwargs):  # fmt: skip
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, "model.safetensors")
+            if not os.path.exists(weights):
+                raise FileNotFoundError(f"{model_id} has no model.safetensors; expected a folder written by save_pretrained")
+        else:
+            weights = hf_hub_download(model_id, "model.safetensors", revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only, token=token)  # fmt: skip
+        config = model_kwargs.pop("config")
+        if isinstance(config, dict):
+            config = VQVAEConfig(**config)
+        model = cls(config, **model_kwargs)
+        try:
+            missing, unexpected = safetensors.torch.load_model(model, weights, strict=strict, device=map_location)
+        except RuntimeError as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines())
+            raise ValueError(f"weights in {model_id} do not match its config: {detail}") from None
+        return model.eval()
