@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 # What a saved model folder consists of; checkpoints, images and logs stay local.
 MODEL_FILES = ["config.json", "model.safetensors", "generation_config.json", "README.md"]
@@ -54,7 +54,7 @@ def push_folder(folder: str, repo_id: str, *, private: bool = False, token: str 
         raise FileNotFoundError(f"{folder} has no saved model (config.json and model.safetensors); train it first")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=present, commit_message="Upload vqgpt model"
-    )
+    # One commit with exactly the model files: checkpoints, images and logs stay local.
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in present]
+    info = api.create_commit(repo_id, operations=operations, commit_message="Upload vqgpt model")
     return str(getattr(info, "commit_url", info))

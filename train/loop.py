@@ -219,7 +219,7 @@ def log_image(accelerator: Accelerator, key: str, image: Image.Image, step: int)
         if tracker.name == "wandb":
             tracker.log_images({key: [image]}, step=step)
         elif tracker.name == "tensorboard":
-            tracker.log_images({key: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+            tracker.log_images({key: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,54 +271,56 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
 
     progress = tqdm(total=args.max_train_steps, initial=step, desc=f"train {stage.name}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)  # fmt: skip
-    model.train()
-    metrics: dict[str, float] = {}
-    running: dict[str, float] = {}
-    n_running, t_last = 0, time.time()
-    micro = 0
-    while step < args.max_train_steps:
-        train_loader.set_epoch(epoch)
-        loader = skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
-        for batch in loader:
-            batch_in_epoch += 1
-            seed_step(args.seed, step, micro, accelerator.process_index)
-            with accelerator.accumulate(model):
-                loss, logs = stage.training_loss(model, batch, step)
-                _check_finite(accelerator, loss, step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            for k, v in {"loss": loss.detach(), **logs}.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            n_running += 1
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step is complete: counters, schedule, logs, checkpoints, evaluation.
-            micro = 0
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                means = {k: v / n_running for k, v in running.items()}
-                reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
-                logged = {f"train/{k}": float(v) for k, v in zip(means, reduced)}
-                logged["train/lr"] = scheduler.get_last_lr()[0]
-                logged["train/steps_per_s"] = args.logging_steps / max(time.time() - t_last, 1e-9)
-                accelerator.log(logged, step=step)
-                progress.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
-                running, n_running, t_last = {}, 0, time.time()
-            if step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
-            if step % args.eval_steps == 0 or step == args.max_train_steps:
-                metrics = evaluate_and_show()
-            if step >= args.max_train_steps:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
+    try:
+        model.train()
+        metrics: dict[str, float] = {}
+        running: dict[str, float] = {}
+        n_running, t_last = 0, time.time()
+        micro = 0
+        while step < args.max_train_steps:
+            train_loader.set_epoch(epoch)
+            loader = skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+            for batch in loader:
+                batch_in_epoch += 1
+                seed_step(args.seed, step, micro, accelerator.process_index)
+                with accelerator.accumulate(model):
+                    loss, logs = stage.training_loss(model, batch, step)
+                    _check_finite(accelerator, loss, step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                for k, v in {"loss": loss.detach(), **logs}.items():
+                    running[k] = running.get(k, 0.0) + float(v)
+                n_running += 1
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step is complete: counters, schedule, logs, checkpoints, evaluation.
+                micro = 0
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                if step % args.logging_steps == 0 or step == args.max_train_steps:
+                    means = {k: v / n_running for k, v in running.items()}
+                    reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
+                    logged = {f"train/{k}": float(v) for k, v in zip(means, reduced)}
+                    logged["train/lr"] = scheduler.get_last_lr()[0]
+                    logged["train/steps_per_s"] = args.logging_steps / max(time.time() - t_last, 1e-9)
+                    accelerator.log(logged, step=step)
+                    progress.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
+                    running, n_running, t_last = {}, 0, time.time()
+                if step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                if step % args.eval_steps == 0 or step == args.max_train_steps:
+                    metrics = evaluate_and_show()
+                if step >= args.max_train_steps:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+    finally:
+        progress.close()  # before any error message, so that message is the last line
     if not metrics:  # resumed at the very end: nothing was evaluated in this process yet
         metrics = evaluate_and_show()
     save_final(accelerator, args, stage, unwrapped, metrics)

@@ -1,0 +1,71 @@
+"""Shared fixtures: offline settings, real Fashion-MNIST images, and launching the real entry points."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], check: bool = True, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """Run a command from the repo root with the test environment; on failure show its output."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **{k: str(v) for k, v in env.items()}}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def python_m(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", module, *args], **kw)
+
+
+def accelerate_launch(target: str, *args: str, num_processes: int = 1, **kw) -> subprocess.CompletedProcess:
+    """``accelerate launch -m module`` (or a script path); two processes are two gloo CPU ranks."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]  # fmt: skip
+    if num_processes > 1:
+        launch.append("--multi_gpu")
+    target_args = [target] if target.endswith(".py") else ["-m", target]
+    return run([*launch, *target_args, *args], ACCELERATE_USE_CPU=1, **kw)
+
+
+def last_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """The builtin Fashion-MNIST splits (Debian's IDX files; `make test` installs them)."""
+    from train.data import DataArguments, load_image_data
+
+    return load_image_data(DataArguments(dataset="fashion_mnist"))
+
+
+@pytest.fixture(scope="session")
+def fashion_batch(fashion):
+    """64 real Fashion-MNIST test images as (64, 1, 28, 28) in [-1, 1], and their labels."""
+    from train.data import ImageTransform, collate
+
+    t = ImageTransform(channels=1)
+    rows = fashion.test.select(range(64))
+    batch = collate([{"pixel_values": t({"image": [r["image"]], "label": [r["label"]]})["pixel_values"][0], "label": r["label"]} for r in rows])  # fmt: skip
+    return batch["pixel_values"], batch["labels"]

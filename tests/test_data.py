@@ -1,0 +1,92 @@
+"""Every --dataset source yields [-1, 1] tensors with the right shapes, labels and class names."""
+
+import pytest
+import torch
+
+from train.data import FASHION_MNIST_CLASSES, DataArguments, DataError, ImageTransform, image_loader, load_image_data
+
+
+def _first_batch(data, n=8):
+    return next(iter(image_loader(data.train, ImageTransform(data.channels), n, shuffle=False)))
+
+
+def _write_imagefolder(root, fashion, per_class=3, classes=("Bag", "Sneaker", "Trouser"), split=None):
+    """Real Fashion-MNIST PNGs in root[/split]/<class>/<i>.png."""
+    ids = [FASHION_MNIST_CLASSES.index(c) for c in classes]
+    written = {c: 0 for c in classes}
+    for row in fashion.test:
+        if row["label"] in ids:
+            c = FASHION_MNIST_CLASSES[row["label"]]
+            if written[c] < per_class:
+                d = root / split / c if split else root / c
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{written[c]}.png").write_bytes(row["image"]["bytes"])
+                written[c] += 1
+        if all(v == per_class for v in written.values()):
+            break
+
+
+def test_builtin_fashion_mnist(fashion):
+    assert (len(fashion.train), len(fashion.test)) == (60000, 10000)
+    assert fashion.class_names == FASHION_MNIST_CLASSES
+    assert fashion.channels == 1 and fashion.size == (28, 28)
+    batch = _first_batch(fashion)
+    x = batch["pixel_values"]
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.min() == -1  # background is black
+    assert batch["labels"].tolist() == fashion.train["label"][:8] == [9, 0, 0, 3, 0, 2, 7, 2]
+
+
+def test_imagefolder_without_splits_holds_out_a_fixed_fraction(tmp_path, fashion):
+    _write_imagefolder(tmp_path, fashion, per_class=10)
+    data = load_image_data(DataArguments(dataset=str(tmp_path), test_fraction=0.2))
+    assert data.class_names == ["Bag", "Sneaker", "Trouser"]
+    assert (len(data.train), len(data.test)) == (24, 6)
+    again = load_image_data(DataArguments(dataset=str(tmp_path), test_fraction=0.2))
+    assert again.test["label"] == data.test["label"], "held-out split is fixed"
+    batch = _first_batch(data)
+    assert batch["pixel_values"].shape == (8, 1, 28, 28)
+    assert set(batch["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_imagefolder_with_train_and_test(tmp_path, fashion):
+    _write_imagefolder(tmp_path, fashion, per_class=4, split="train")
+    _write_imagefolder(tmp_path, fashion, per_class=2, split="test")
+    data = load_image_data(DataArguments(dataset=str(tmp_path)))
+    assert (len(data.train), len(data.test)) == (12, 6)
+    assert data.class_names == ["Bag", "Sneaker", "Trouser"]
+
+
+def test_save_to_disk_folder(tmp_path, fashion):
+    import datasets
+
+    small = datasets.DatasetDict({"train": fashion.train.select(range(40)), "test": fashion.test.select(range(10))})
+    small = small.rename_column("image", "img").rename_column("label", "labels")  # found by name
+    small.save_to_disk(str(tmp_path / "saved"))
+    data = load_image_data(DataArguments(dataset=str(tmp_path / "saved")))
+    assert (len(data.train), len(data.test)) == (40, 10)
+    assert data.class_names == FASHION_MNIST_CLASSES
+    batch = _first_batch(data)
+    assert batch["labels"].tolist() == fashion.train["label"][:8]
+    assert batch["pixel_values"].shape == (8, 1, 28, 28)
+
+
+def test_resize_and_pad_options(fashion):
+    data = load_image_data(DataArguments(max_train_samples=16))
+    big = next(iter(image_loader(data.train, ImageTransform(1, resolution=32), 4, shuffle=False)))
+    assert big["pixel_values"].shape == (4, 1, 32, 32)
+    padded = next(iter(image_loader(data.train, ImageTransform(1, multiple=8), 4, shuffle=False)))
+    assert padded["pixel_values"].shape == (4, 1, 32, 32)
+    assert (padded["pixel_values"][:, :, 28:, :] == -1).all()
+
+
+def test_folder_without_images_fails_clearly(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="contains no images"):
+        load_image_data(DataArguments(dataset=str(tmp_path / "empty")))
+
+
+def test_unknown_image_column_fails_clearly(fashion):
+    with pytest.raises(DataError, match="image column 'pixels' not in dataset columns"):
+        load_image_data(DataArguments(image_column="pixels"))

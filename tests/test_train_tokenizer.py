@@ -1,0 +1,90 @@
+"""The tokenizer training entry point on real Fashion-MNIST with the tiny preset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate_launch, python_m
+from tokenizer import VQVAE
+
+ARGS = ["--preset", "tiny", "--max-train-samples", "640", "--max-eval-samples", "128", "--train-batch-size", "32",
+        "--max-train-steps", "40", "--checkpointing-steps", "10", "--checkpoints-total-limit", "2",
+        "--eval-steps", "20", "--logging-steps", "5", "--learning-rate", "1e-3", "--lr-warmup-steps", "5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "run"
+    proc = accelerate_launch("train.tokenizer", *ARGS, "--output-dir", str(out))
+    return out, proc
+
+
+def test_run_writes_rotated_checkpoints_images_and_a_loadable_model(reference_run):
+    out, proc = reference_run
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-30", "checkpoint-40"]  # limit 2 of 4
+    state = json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
+    assert state["step"] == 40
+    assert sorted(os.listdir(out / "images")) == ["tokenizer-0000020.png", "tokenizer-0000040.png"]
+    model = VQVAE.from_pretrained(out)
+    assert model.config.num_codes == 64
+    card = (out / "README.md").read_text()
+    assert "fashion_mnist" in card and "| psnr |" in card and "| codebook_usage |" in card
+    assert "tokenizer saved to" in proc.stdout
+
+
+def test_grid_shows_originals_above_reconstructions(reference_run):
+    from PIL import Image
+
+    out, _ = reference_run
+    grid = Image.open(out / "images" / "tokenizer-0000040.png")
+    assert grid.size == (16 * 30, 2 * 30)  # 16 test images, 28 px + 2 px gutter, two rows
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_killed_run_resumed_from_latest_matches_uninterrupted(reference_run, tmp_path):
+    out, _ = reference_run
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train.tokenizer", *ARGS, "--output-dir", str(killed)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-10").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run was killed before it finished"
+    python_m("train.tokenizer", *ARGS, "--output-dir", str(killed), "--resume-from-checkpoint", "latest")
+    ref, resumed = _weights(out), _weights(killed)
+    assert ref.keys() == resumed.keys()
+    for k in ref:
+        assert torch.allclose(ref[k], resumed[k], atol=1e-6), k
+
+
+def test_report_to_wandb_offline_writes_a_run(tmp_path):
+    out = tmp_path / "wb"
+    python_m("train.tokenizer", "--preset", "tiny", "--max-train-samples", "128", "--max-eval-samples", "32",
+             "--train-batch-size", "16", "--max-train-steps", "4", "--logging-steps", "2", "--eval-steps", "4",
+             "--report-to", "wandb", "--output-dir", str(out), WANDB_MODE="offline")  # fmt: skip
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / runs[0]))
+
+
+def test_report_to_tensorboard_writes_events(tmp_path):
+    out = tmp_path / "tb"
+    python_m("train.tokenizer", "--preset", "tiny", "--max-train-samples", "128", "--max-eval-samples", "32",
+             "--train-batch-size", "16", "--max-train-steps", "4", "--logging-steps", "2", "--eval-steps", "4",
+             "--report-to", "tensorboard", "--output-dir", str(out))  # fmt: skip
+    events = [f for _, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events.out.tfevents")]
+    assert events
