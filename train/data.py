@@ -91,12 +91,15 @@ def load_fashion_mnist() -> DatasetDict:
     return datasets.load_from_disk(cached)
 
 
-def atomic_save_to_disk(ds: datasets.Dataset | DatasetDict, path: str) -> None:
-    """``save_to_disk`` under a temporary name, then one rename: never a half-written folder."""
+def atomic_save_to_disk(ds: datasets.Dataset | DatasetDict, path: str, extra_files: dict[str, str] | None = None) -> None:
+    """``save_to_disk`` (plus ``extra_files``: name -> text) under a temporary name, then one rename."""
     tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ds.save_to_disk(tmp)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(text)
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

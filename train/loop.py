@@ -79,9 +79,13 @@ class Stage(Protocol):
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
-    """Dataclasses from ``argv``, or from a single ``.json``/``.yaml`` file argument."""
+def parse_args(types: tuple[type, ...], argv: list[str] | None = None, **defaults) -> tuple:
+    """Dataclasses from ``argv``, or from a single ``.json``/``.yaml`` file argument.
+
+    ``defaults`` override the dataclasses' defaults for one entry point (e.g. the prior's schedule).
+    """
     parser = HfArgumentParser(types)
+    parser.set_defaults(**defaults)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
@@ -209,6 +213,8 @@ def save_final(accelerator: Accelerator, args: TrainingArguments, stage: Stage, 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     stage.save(model, tmp, metrics)
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last: it marks a model
         os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
     os.rmdir(tmp)

@@ -1,0 +1,41 @@
+"""Shared by the benchmarks: machine description, timing, and the one-line result format run_all reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores ({cpu})"
+    return f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def report(name: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,
+           ratio: float | None = None, target: str = "", ok: bool | None = None, **extra) -> None:  # fmt: skip
+    """Print one result as a line run_all collects: BENCH {json}."""
+    row = dict(name=name, value=value, unit=unit, baseline=baseline, baseline_value=baseline_value,
+               ratio=ratio, target=target, ok=ok, **extra)  # fmt: skip
+    print("BENCH " + json.dumps(row), flush=True)
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,66 @@
+"""Sampling code sequences from the prior: KV cache, code-only vocabulary, classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import TokenLayout
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Keep the ``top_k`` largest and the smallest set of logits whose probability reaches ``top_p``."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate_codes(
+    model,
+    layout: TokenLayout,
+    seq_len: int,
+    labels: torch.Tensor | None,
+    batch_size: int | None = None,
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample code sequences (B, seq_len) for class ``labels`` (B,) (-1 or ``None``: unconditional).
+
+    Guidance ``l = l_null + s (l_cond - l_null)`` runs the conditional and null rows as one batch of 2B.
+    ``s = 1`` is plain conditional sampling and ``s = 0`` unconditional: both skip the extra rows.
+    ``temperature = 0`` or ``top_k = 1`` is greedy decoding. Only code ids (< K) can be emitted.
+    """
+    device = next(model.parameters()).device
+    cond = layout.condition_tokens(labels, batch_size).to(device)
+    b = cond.shape[0]
+    if guidance_scale == 0:
+        cond = torch.full_like(cond, layout.null_token)
+    guided = guidance_scale not in (0.0, 1.0)
+    rows = torch.cat([cond, torch.full_like(cond, layout.null_token)]) if guided else cond
+    ids = rows[:, None]  # (R, 1), R = 2B when guided
+    past = None
+    for _ in range(seq_len):
+        step_ids = ids[:, -1:] if past is not None else ids
+        out = model(input_ids=step_ids, past_key_values=past, use_cache=use_cache)
+        past = out.past_key_values if use_cache else None
+        logits = out.logits[:, -1, : layout.num_codes].float()  # (R, K)
+        if guided:
+            l_cond, l_null = logits.chunk(2)
+            logits = l_null + guidance_scale * (l_cond - l_null)  # (B, K)
+        if temperature == 0 or top_k == 1:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        ids = torch.cat([ids, (torch.cat([nxt, nxt]) if guided else nxt)[:, None]], dim=1)
+    return ids[:b, 1:]

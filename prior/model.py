@@ -1,0 +1,117 @@
+"""The GPT-2 prior over code sequences: presets, the self-describing saved folder, and the loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .layout import TokenLayout
+
+
+class _NoPaddingWarning(logging.Filter):
+    """The prior's rows start with the null class (= pad id) on purpose and are never padded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask` since your input_ids may be padded" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_NoPaddingWarning())
+
+# Named sizes. Dropout is small: the code sequences are a compressed, already-regularised signal.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_embd=32, n_head=2, dropout=0.0),  # tests: seconds on a CPU
+    "fashion-mnist": dict(n_layer=4, n_embd=192, n_head=6, dropout=0.0),  # 1.9M params; CPU-bound, so small and no dropout
+    "small": dict(n_layer=12, n_embd=768, n_head=12, dropout=0.1),  # GPT-2 small; GPUs
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16, dropout=0.1),  # GPT-2 medium; GPUs
+}
+
+
+@dataclass
+class PriorInfo:
+    """What a prior folder records beside the GPT-2 weights, so that it alone is enough to sample."""
+
+    num_codes: int  # K of the tokenizer
+    num_classes: int  # C
+    class_names: list[str]
+    grid: tuple[int, int]  # (h, w) of the code grid
+    tokenizer: str | None  # folder or Hub id of the tokenizer the codes came from
+    image_size: tuple[int, int] | None = None  # (H, W) of the images the codes were made from
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.num_codes, self.num_classes)
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def from_config(cls, config: GPT2Config) -> PriorInfo:
+        meta = getattr(config, "vqgpt", None)
+        if not meta:
+            raise ValueError("this GPT-2 folder is not a vqgpt prior (its config.json has no 'vqgpt' entry)")
+        size = tuple(meta["image_size"]) if meta.get("image_size") else None
+        return cls(meta["num_codes"], meta["num_classes"], list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size)  # fmt: skip
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer whose K, or whose code grid for the prior's image size, differs."""
+        k = tokenizer.config.num_codes
+        if k != self.num_codes:
+            raise ValueError(f"tokenizer has K={k} codes but the prior was trained on K={self.num_codes}; use the tokenizer it names ({self.tokenizer})")  # fmt: skip
+        if self.image_size is not None:
+            grid = tokenizer.code_grid(*self.image_size)
+            if tuple(grid) != tuple(self.grid):
+                raise ValueError(f"tokenizer turns {self.image_size[0]}x{self.image_size[1]} images into a {grid[0]}x{grid[1]} grid but the prior expects {self.grid[0]}x{self.grid[1]}")  # fmt: skip
+
+
+def build_prior(preset: str, info: PriorInfo, **overrides) -> GPT2LMHeadModel:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown prior preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    layout = info.layout
+    config = GPT2Config(
+        vocab_size=layout.vocab_size,
+        n_positions=info.seq_len + 1,  # the condition token, then h*w codes
+        n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
+        resid_pdrop=p["dropout"], embd_pdrop=p["dropout"], attn_pdrop=p["dropout"],
+        # Special ids inside the vocabulary: sequences start with a condition and never end early.
+        bos_token_id=layout.null_token, eos_token_id=layout.null_token, pad_token_id=layout.null_token,
+        vqgpt={**asdict(info), "grid": list(info.grid), "image_size": list(info.image_size) if info.image_size else None},
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def load_prior(path: str, **kwargs) -> tuple[GPT2LMHeadModel, PriorInfo]:
+    """A saved prior folder or Hub id -> (model in eval mode, its PriorInfo)."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json; expected a prior folder written by train.prior")
+    model = GPT2LMHeadModel.from_pretrained(path, **kwargs)
+    return model.eval(), PriorInfo.from_config(model.config)
+
+
+def prior_loss(model, codes: torch.Tensor, labels: torch.Tensor, layout: TokenLayout, p_uncond: float = 0.0,
+               reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+    """Mean cross-entropy (nats) of the codes given the condition, over code positions only.
+
+    ``codes`` (B, T) long, ``labels`` (B,) with -1 for unlabelled. ``reduction="none"`` gives (B,). With probability ``p_uncond`` a row's
+    condition becomes the null class (torch's global RNG, which the training loop seeds per step), so
+    one model learns both the conditional and the unconditional distribution for guidance.
+    """
+    cond = layout.condition_tokens(labels).to(codes.device)
+    if p_uncond > 0:
+        drop = torch.rand(cond.shape, device=cond.device) < p_uncond
+        cond = torch.where(drop, torch.full_like(cond, layout.null_token), cond)
+    inputs = torch.cat([cond[:, None], codes[:, :-1]], dim=1)  # (B, T): condition, code_1..code_{T-1}
+    logits = model(input_ids=inputs).logits[..., : layout.num_codes]  # (B, T, K): only codes are predicted
+    nll = F.cross_entropy(logits.float().reshape(-1, layout.num_codes), codes.reshape(-1), reduction=reduction)
+    return nll if reduction == "mean" else nll.view(codes.shape).mean(1)  # "none": (B,) per sequence
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)

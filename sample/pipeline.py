@@ -1,0 +1,102 @@
+"""Class labels -> prior -> code grids -> tokenizer decoder -> images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from prior import PriorInfo, generate_codes, load_prior
+from tokenizer import VQVAE
+from tokenizer.images import to_pil
+
+
+class ClassConditionalPipeline:
+    """Sample class-conditional images from a vqgpt prior and the tokenizer it was trained on.
+
+    >>> pipe = ClassConditionalPipeline.from_pretrained("runs/prior")
+    >>> images = pipe(["Sneaker", "Bag"], guidance_scale=2.0, seed=0)   # (2, C, H, W) in [-1, 1]
+    """
+
+    def __init__(self, prior, tokenizer: VQVAE, info: PriorInfo):
+        info.check_tokenizer(tokenizer)
+        self.prior, self.tokenizer, self.info = prior.eval(), tokenizer.eval(), info
+
+    @classmethod
+    def from_pretrained(cls, prior_path: str, tokenizer: str | VQVAE | None = None, device: str | None = None):
+        """Load a prior folder or Hub id and the tokenizer it names (or ``tokenizer``, to override)."""
+        prior, info = load_prior(prior_path)
+        if tokenizer is None:
+            if not info.tokenizer:
+                raise ValueError(f"prior {prior_path} names no tokenizer; pass tokenizer=PATH_OR_HUB_ID")
+            tokenizer = info.tokenizer
+        if isinstance(tokenizer, str):
+            tokenizer = VQVAE.from_pretrained(tokenizer)
+        pipe = cls(prior, tokenizer, info)
+        return pipe.to(device) if device else pipe
+
+    def to(self, device: str | torch.device):
+        self.prior.to(device)
+        self.tokenizer.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    def class_ids(self, labels: Sequence[int | str] | None) -> list[int]:
+        """Class ids or names -> ids; ``None`` entries (or -1) mean unconditional."""
+        if labels is None:
+            return []
+        ids = []
+        for label in labels:
+            if isinstance(label, str) and not label.lstrip("-").isdigit():
+                if label not in self.class_names:
+                    raise ValueError(f"unknown class {label!r}; expected one of {self.class_names}")
+                ids.append(self.class_names.index(label))
+                continue
+            i = -1 if label is None else int(label)
+            if not -1 <= i < self.info.num_classes:
+                raise ValueError(f"class id {i} is out of range; expected 0..{self.info.num_classes - 1} or a class name")
+            ids.append(i)
+        return ids
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        labels: Sequence[int | str] | None = None,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        batch_size: int = 64,
+        num_images: int | None = None,
+        use_cache: bool = True,
+        progress=None,
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1], one per label (``labels=None``: ``num_images`` unconditional)."""
+        ids = self.class_ids(labels) if labels is not None else [-1] * (num_images or 1)
+        g = torch.Generator(device=self.device)
+        if seed is not None:
+            g.manual_seed(seed)
+        else:
+            g.seed()
+        images = []
+        for start in range(0, len(ids), batch_size):
+            chunk = torch.tensor(ids[start : start + batch_size], device=self.device)
+            codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, guidance_scale=guidance_scale,
+                                   temperature=temperature, top_k=top_k or None, top_p=top_p, generator=g, use_cache=use_cache)  # fmt: skip
+            images.append(self.tokenizer.decode(codes.view(-1, *self.info.grid)))
+            if progress is not None:
+                progress.update(len(chunk))
+        return torch.cat(images)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Image.Image]:
+        return to_pil(images)
