@@ -2,13 +2,14 @@
 
     python -m sample --prior runs/prior --classes all --per-class 8 --guidance-scale 2 --output-dir samples/
 
-writes OUTPUT_DIR/<class_name>/<i>.png (loads back with datasets' imagefolder) and OUTPUT_DIR/grid.png
-with one labelled row per class.
+writes OUTPUT_DIR/<class_name>/<i>.png with OUTPUT_DIR/metadata.jsonl (so datasets' imagefolder loads it
+back with the class names as labels) and OUTPUT_DIR/grid.png with one labelled row per class.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 
@@ -71,10 +72,15 @@ def main(argv=None):
     tmp = args.output_dir.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     pils = pipe.to_pil(images)
+    rows = []
     for i, (c, img) in enumerate(zip(labels, pils)):
-        d = os.path.join(tmp, folder_name(pipe, c))
-        os.makedirs(d, exist_ok=True)
-        img.save(os.path.join(d, f"{i % args.per_class}.png"))
+        rel = f"{folder_name(pipe, c)}/{i % args.per_class}.png"
+        os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+        img.save(os.path.join(tmp, rel))
+        rows.append({"file_name": rel, "label": pipe.class_names[c] if c >= 0 else "unconditional"})
+    # imagefolder reads labels (the real class names) from metadata.jsonl, and skips grid.png, which it lists not.
+    with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     names = [folder_name(pipe, c) if c < 0 else pipe.class_names[c] for c in classes]
     labelled_grid(images, names, args.per_class).save(os.path.join(tmp, "grid.png"))
     if os.path.isdir(args.output_dir):

@@ -69,3 +69,25 @@ def fashion_batch(fashion):
     rows = fashion.test.select(range(64))
     batch = collate([{"pixel_values": t({"image": [r["image"]], "label": [r["label"]]})["pixel_values"][0], "label": r["label"]} for r in rows])  # fmt: skip
     return batch["pixel_values"], batch["labels"]
+
+
+# ---------------------------------------------------------------- the tiny two-stage chain, built once
+
+TOK_ARGS = ["--preset", "tiny", "--max-train-samples", "4096", "--max-eval-samples", "512", "--train-batch-size", "64",
+            "--max-train-steps", "150", "--learning-rate", "2e-3", "--lr-warmup-steps", "10", "--eval-steps", "150",
+            "--checkpointing-steps", "1000"]  # fmt: skip
+PRIOR_ARGS = ["--preset", "tiny", "--train-batch-size", "64", "--max-train-steps", "150", "--learning-rate", "3e-3",
+              "--lr-warmup-steps", "10", "--eval-steps", "150", "--checkpointing-steps", "1000",
+              "--samples-per-class", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """A tiny tokenizer, its codes and a tiny prior, made by the real command lines on Fashion-MNIST."""
+    root = tmp_path_factory.mktemp("chain")
+    tok, codes, prior = root / "tok", root / "codes", root / "prior"
+    accelerate_launch("train.tokenizer", *TOK_ARGS, "--output-dir", str(tok))
+    python_m("train.encode", "--tokenizer", str(tok), "--max-train-samples", "4096", "--max-eval-samples", "512",
+             "--batch-size", "500", "--output-dir", str(codes))  # fmt: skip
+    accelerate_launch("train.prior", "--codes", str(codes), *PRIOR_ARGS, "--output-dir", str(prior))
+    return {"root": root, "tokenizer": tok, "codes": codes, "prior": prior}

@@ -160,6 +160,9 @@ def load_image_data(args: DataArguments, seed: int = 0) -> ImageData:
     train = dd[train_split]
     image_col = _find_column(train, args.image_column, ("image", "img"), "image")
     label_col = _find_column(train, args.label_column, ("label", "labels"), "label")
+    if label_col is not None and getattr(train.features[label_col], "dtype", None) == "string":
+        dd = dd.class_encode_column(label_col)  # class names as strings (e.g. metadata.jsonl) -> ClassLabel
+        train = dd[train_split]
     test_split = next((s for s in ("test", "validation", "valid") if s in dd), None)
     if test_split is None:
         # A fixed held-out fraction with a fixed seed, so every run evaluates on the same images.

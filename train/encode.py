@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import ClassLabel, Features, Sequence, Value
 from tqdm.auto import tqdm
 
@@ -61,7 +62,7 @@ def encode_split(model: VQVAE, ds: datasets.Dataset, transform: ImageTransform, 
             codes.append(idx.flatten(1).cpu())
             labels.append(batch["labels"])
         local = (torch.cat(codes).numpy(), torch.cat(labels).numpy()) if codes else (np.zeros((0, 0)), np.zeros(0))
-    parts = accelerator.gather_object([local]) if accelerator.num_processes > 1 else [local]
+    parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     parts = [p for p in parts if len(p[1])]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 

@@ -132,6 +132,7 @@ def main(argv=None):
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(prior_args), "codes": codes_dir})  # fmt: skip
     accelerator.print(f"prior saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return model, metrics
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""The token layout, the prior's loss, distributed and resumed training, and the self-describing folder."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import PRIOR_ARGS, accelerate_launch, last_error_line, python_m
+from prior import PriorInfo, TokenLayout, build_prior, load_prior, prior_loss
+from sample import ClassConditionalPipeline
+from tokenizer import VQVAE, get_config
+
+LAYOUT = TokenLayout(num_codes=64, num_classes=10)
+INFO = PriorInfo(64, 10, [str(i) for i in range(10)], (7, 7), None, (28, 28))
+
+
+def test_layout_round_trips_codes_classes_and_null():
+    assert (LAYOUT.null_token, LAYOUT.vocab_size) == (74, 75)
+    codes = torch.randint(0, 64, (5, 49))
+    labels = torch.tensor([0, 9, -1, 3, -1])
+    seq = LAYOUT.sequences(codes, labels)
+    assert seq.shape == (5, 50) and seq[:, 0].tolist() == [64, 73, 74, 67, 74]
+    back_codes, back_labels = LAYOUT.split(seq)
+    assert torch.equal(back_codes, codes) and torch.equal(back_labels, labels)
+
+
+@pytest.mark.parametrize("bad", [10, 11, -2])
+def test_out_of_range_class_ids_are_rejected(bad):
+    with pytest.raises(ValueError, match=f"class id {bad} is out of range; expected 0..9"):
+        LAYOUT.condition_tokens(torch.tensor([0, bad]))
+
+
+def test_out_of_range_codes_are_rejected():
+    with pytest.raises(ValueError, match=r"codes span \[0, 64\]; expected 0..63"):
+        LAYOUT.sequences(torch.tensor([[0, 64]]), torch.tensor([1]))
+
+
+def test_loss_is_cross_entropy_over_code_positions_only():
+    torch.manual_seed(0)
+    model = build_prior("tiny", INFO).eval()
+    codes, labels = torch.randint(0, 64, (4, 49)), torch.tensor([1, 2, -1, 9])
+    loss = prior_loss(model, codes, labels, LAYOUT, p_uncond=0.0)
+    seq = torch.cat([torch.tensor([65, 66, 74, 73])[:, None], codes], 1)  # condition ids by hand
+    logits = model(input_ids=seq).logits  # (4, 50, V)
+    by_hand = 0.0
+    for b in range(4):
+        for t in range(49):  # position t predicts code t+1; the condition itself is never a target
+            log_probs = F.log_softmax(logits[b, t, :64].double(), -1)
+            by_hand -= log_probs[codes[b, t]].item()
+    assert loss.item() == pytest.approx(by_hand / (4 * 49), rel=1e-5)
+
+
+def test_p_uncond_one_makes_every_condition_null():
+    model = build_prior("tiny", INFO).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][:, 0].clone()), with_kwargs=True)  # fmt: skip
+    codes, labels = torch.randint(0, 64, (32, 49)), torch.randint(0, 10, (32,))
+    dropped = prior_loss(model, codes, labels, LAYOUT, p_uncond=1.0)
+    assert (seen[0] == LAYOUT.null_token).all()
+    assert dropped.item() == pytest.approx(prior_loss(model, codes, torch.full((32,), -1), LAYOUT).item(), rel=1e-6)
+
+
+def test_two_processes_end_with_identical_weights(chain, tmp_path):
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    accelerate_launch("tests/scripts/prior_ranks.py", "--codes", str(chain["codes"]), "--preset", "tiny",
+                      "--train-batch-size", "32", "--max-train-steps", "6", "--eval-steps", "6",
+                      "--max-eval-samples", "64", "--output-dir", str(tmp_path / "run"), num_processes=2, RANKS_DIR=ranks)  # fmt: skip
+    r0, r1 = torch.load(ranks / "rank0.pt"), torch.load(ranks / "rank1.pt")
+    init = build_prior("tiny", INFO).state_dict()
+    assert any(not torch.equal(r0[k], init[k]) for k in r0 if k in init), "weights moved"
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+
+def test_resume_from_latest_reproduces_the_uninterrupted_run(chain, tmp_path):
+    args = ["--codes", str(chain["codes"]), "--preset", "tiny", "--train-batch-size", "64", "--max-eval-samples", "64",
+            "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3", "--checkpointing-steps", "10",
+            "--eval-steps", "100", "--dropout", "0.1", "--n-layer", "2"]  # fmt: skip
+    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "full"))
+    python_m("train.prior", *args, "--max-train-steps", "10", "--output-dir", str(tmp_path / "split"))
+    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "split"),
+             "--resume-from-checkpoint", "latest")  # fmt: skip
+    full, split = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    for k in full:
+        assert torch.allclose(full[k], split[k], atol=1e-6), k
+
+
+def test_saved_prior_loads_alone_and_names_its_tokenizer(chain):
+    model, info = load_prior(str(chain["prior"]))
+    assert info.tokenizer == str(chain["tokenizer"].resolve())
+    assert (info.num_codes, info.num_classes, info.grid, info.image_size) == (64, 10, (7, 7), (28, 28))
+    assert info.class_names[7] == "Sneaker"
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.n_positions) == (75, 50)
+    assert cfg.bos_token_id == cfg.eos_token_id == cfg.pad_token_id == 74
+    card = (chain["prior"] / "README.md").read_text()
+    assert "bits_per_token" in card and "uniform baseline" in card
+    assert os.path.exists(chain["prior"] / "images" / "prior-0000150.png")
+
+
+def test_tokenizer_with_another_k_is_refused(chain, tmp_path):
+    other = VQVAE(get_config("tiny", num_codes=32))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="tokenizer has K=32 codes but the prior was trained on K=64"):
+        ClassConditionalPipeline.from_pretrained(str(chain["prior"]), tokenizer=str(tmp_path / "other"))
+    proc = python_m("sample", "--prior", str(chain["prior"]), "--tokenizer", str(tmp_path / "other"),
+                    "--output-dir", str(tmp_path / "s"), check=False)  # fmt: skip
+    assert proc.returncode == 1 and "K=32" in last_error_line(proc)
+
+
+def test_tiny_prior_beats_the_uniform_baseline(chain):
+    metrics = json.loads((chain["prior"] / "metrics.json").read_text())
+    uniform = math.log2(64)
+    assert metrics["bits_per_token"] < 0.85 * uniform, metrics
+    assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * 49)
