@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m bench.demo $(DEMO_ARGS)
+	$(PY) demo.py $(DEMO_ARGS)
 
 bench: setup
 	$(PY) -m bench.run_all

@@ -63,11 +63,9 @@ def fashion():
 @pytest.fixture(scope="session")
 def fashion_batch(fashion):
     """64 real Fashion-MNIST test images as (64, 1, 28, 28) in [-1, 1], and their labels."""
-    from train.data import ImageTransform, collate
+    from train.data import ImageTransform, image_loader
 
-    t = ImageTransform(channels=1)
-    rows = fashion.test.select(range(64))
-    batch = collate([{"pixel_values": t({"image": [r["image"]], "label": [r["label"]]})["pixel_values"][0], "label": r["label"]} for r in rows])  # fmt: skip
+    batch = next(iter(image_loader(fashion.test.select(range(64)), ImageTransform(channels=1), 64, shuffle=False)))
     return batch["pixel_values"], batch["labels"]
 
 

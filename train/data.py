@@ -215,36 +215,40 @@ def decode_image(value) -> PILImage.Image:
         raise DataError(f"cannot read image {path or '(in-memory bytes)'}: {type(e).__name__}: {e}") from None
 
 
-def image_to_tensor(img: PILImage.Image, channels: int, resolution: int | None, multiple: int | None) -> torch.Tensor:
-    """PIL image -> float (C, H, W) in [-1, 1]; resized to ``resolution`` or padded to ``multiple``."""
+def image_to_uint8(img: PILImage.Image, channels: int, resolution: int | None, multiple: int | None) -> torch.Tensor:
+    """PIL image -> uint8 (C, H, W); resized to ``resolution`` or padded (black, bottom/right) to ``multiple``."""
     img = img.convert("L" if channels == 1 else "RGB")
     if resolution:
         img = img.resize((resolution, resolution), PILImage.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    x = x.float() / 127.5 - 1.0
     if multiple:
         h, w = x.shape[1:]
-        ph, pw = -h % multiple, -w % multiple
-        # Pad with -1 (black), bottom and right, so the original pixels keep their coordinates.
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=-1.0)
+        # Padding goes bottom and right, so the original pixels keep their coordinates.
+        x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=0)
     return x
 
 
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (the image convention of vqgpt)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 class ImageTransform:
-    """Batch transform for ``Dataset.with_transform``: undecoded images -> ``pixel_values``."""
+    """Batch transform for ``Dataset.with_transform``: undecoded images -> uint8 ``pixels``."""
 
     def __init__(self, channels: int, resolution: int | None = None, multiple: int | None = None):
         self.channels, self.resolution, self.multiple = channels, resolution, multiple
 
     def __call__(self, batch: dict) -> dict:
-        pixels = [image_to_tensor(decode_image(v), self.channels, self.resolution, self.multiple) for v in batch["image"]]
-        return {"pixel_values": pixels, "label": list(batch["label"])}
+        pixels = [image_to_uint8(decode_image(v), self.channels, self.resolution, self.multiple) for v in batch["image"]]
+        return {"pixels": pixels, "label": list(batch["label"])}
 
 
 def collate(examples: list[dict]) -> dict:
+    """Stack uint8 pixels and convert the whole batch to [-1, 1] floats at once."""
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "pixel_values": to_float(torch.stack([e["pixels"] for e in examples])),
         "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
     }
 

@@ -51,12 +51,13 @@ def load_codes(path: str) -> tuple[datasets.DatasetDict, dict]:
 
 
 def encode_split(model: VQVAE, ds: datasets.Dataset, transform: ImageTransform, batch_size: int,
-                 accelerator: Accelerator, desc: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                 accelerator: Accelerator, desc: str, num_workers: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """This process's shard of ``ds`` -> (codes (n, h*w), labels (n,)), gathered on every process."""
     with accelerator.split_between_processes(list(range(len(ds)))) as mine:
         shard = ds.select(mine)
         codes, labels = [], []
-        loader = image_loader(shard, transform, batch_size, shuffle=False)
+        # One worker decodes the next batch of PNGs while the model encodes this one.
+        loader = image_loader(shard, transform, batch_size, shuffle=False, num_workers=num_workers)
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
             idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w), inference mode
             codes.append(idx.flatten(1).cpu())
@@ -90,7 +91,7 @@ def encode_dataset(tokenizer_ref: str, data_args: DataArguments, output_dir: str
     })  # fmt: skip
     splits = {}
     for name, ds in (("train", data.train), ("test", data.test)):
-        codes, labels = encode_split(model, ds, transform, batch_size, accelerator, desc=f"encode {name}")
+        codes, labels = encode_split(model, ds, transform, batch_size, accelerator, f"encode {name}", data_args.num_workers or 1)  # fmt: skip
         splits[name] = datasets.Dataset.from_dict({"codes": codes.astype(dtype), "label": labels}, features=features)
     meta = {
         "tokenizer": tokenizer_reference(tokenizer_ref),

@@ -108,8 +108,8 @@ def main(argv=None):
     train_loader = image_loader(data.train, transform, args.train_batch_size, shuffle=True,
                                 num_workers=data_args.num_workers, drop_last=True)  # fmt: skip
     eval_loader = image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)  # fmt: skip
-    grid = torch.stack([transform({"image": [ex["image"]], "label": [0]})["pixel_values"][0]
-                        for ex in data.test.select(range(min(model_args.num_grid_images, len(data.test))))])  # fmt: skip
+    grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
+    grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
     stage = TokenizerStage(data_args, model_args, grid, crop=(h, w) if data_args.pad_to_multiple else None)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(data_args), **asdict(model_args)})  # fmt: skip
