@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -38,7 +39,7 @@ class PriorArguments:
 
 def _collate(examples):
     return {
-        "codes": torch.tensor([e["codes"] for e in examples], dtype=torch.long),
+        "codes": torch.from_numpy(np.stack([e["codes"] for e in examples])).long(),
         "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
     }
 
