@@ -1,6 +1,6 @@
 """From Fashion-MNIST to class-conditional samples, through the same commands a user runs.
 
-    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 800]
+    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 800] [--preset tiny --max-samples N]
 
 1. accelerate launch -m train.tokenizer   (VQ-VAE, fashion-mnist preset)
 2. accelerate launch -m train.encode      (codes of all 70k images)
@@ -29,13 +29,20 @@ def _run(cmd: list[str]) -> float:
 
 
 def _launch(module: str, *args: str) -> list[str]:
-    # One process here; the same command takes --multi_gpu --num_processes N on a bigger machine.
+    # One process here; the same command takes --multi_gpu --num_processes N on a bigger machine. Without
+    # --num_cpu_threads_per_process, accelerate launch pins a CPU-only process to one thread.
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]  # fmt: skip
+            "--num_cpu_threads_per_process", str(os.cpu_count()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", module, *args]  # fmt: skip
 
 
-def run_chain(out: str, tokenizer_steps: int, prior_steps: int, fresh: bool = False, per_class: int = 8) -> dict:
-    """Run (or reuse) the four stages under ``out``; return paths, metrics and minutes per stage."""
+def run_chain(out: str, tokenizer_steps: int, prior_steps: int, fresh: bool = False, per_class: int = 8,
+              preset: str = "fashion-mnist", max_samples: int | None = None) -> dict:  # fmt: skip
+    """Run (or reuse) the four stages under ``out``; return paths, metrics and minutes per stage.
+
+    ``preset`` names both stages' presets; ``max_samples`` limits every split (tests use both).
+    """
+    limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max_samples // 4)] if max_samples else []
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
     tok, codes, prior, samples = (os.path.join(out, d) for d in ("tokenizer", "codes", "prior", "samples"))
@@ -48,14 +55,14 @@ def run_chain(out: str, tokenizer_steps: int, prior_steps: int, fresh: bool = Fa
             minutes[name] = _run(cmd) / 60
 
     stage("tokenizer", os.path.join(tok, "metrics.json"), _launch(
-        "train.tokenizer", "--dataset", "fashion_mnist", "--preset", "fashion-mnist", "--output-dir", tok,
+        "train.tokenizer", "--dataset", "fashion_mnist", "--preset", preset, "--output-dir", tok, *limit,
         "--train-batch-size", "128", "--max-train-steps", str(tokenizer_steps), "--learning-rate", "1e-3",
         "--lr-scheduler", "cosine", "--lr-warmup-steps", "100", "--eval-steps", str(tokenizer_steps),
         "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     stage("encode", os.path.join(codes, "vqgpt_codes.json"), _launch(
-        "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes))  # fmt: skip
+        "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes, *limit))  # fmt: skip
     stage("prior", os.path.join(prior, "metrics.json"), _launch(
-        "train.prior", "--codes", codes, "--preset", "fashion-mnist", "--output-dir", prior,
+        "train.prior", "--codes", codes, "--preset", preset, "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     minutes["sample"] = _run([sys.executable, "-m", "sample", "--prior", prior, "--classes", "all",
@@ -75,9 +82,11 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--prior-steps", type=int, default=800)
+    p.add_argument("--preset", default="fashion-mnist", help="preset of both stages (tiny: a smoke test)")
+    p.add_argument("--max-samples", type=int, default=None, help="use only this many training images")
     args = p.parse_args(argv)
     t = time.perf_counter()
-    r = run_chain(args.out, args.tokenizer_steps, args.prior_steps, args.fresh)
+    r = run_chain(args.out, args.tokenizer_steps, args.prior_steps, args.fresh, preset=args.preset, max_samples=args.max_samples)
     tm, pm = r["tokenizer_metrics"], r["prior_metrics"]
     print(f"""
 vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min

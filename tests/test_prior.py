@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import PRIOR_ARGS, accelerate_launch, last_error_line, python_m
 from prior import PriorInfo, TokenLayout, build_prior, load_prior, prior_loss
 from sample import ClassConditionalPipeline
+from train.encode import load_codes
 from tokenizer import VQVAE, get_config
 
 LAYOUT = TokenLayout(num_codes=64, num_classes=10)
@@ -119,3 +120,17 @@ def test_tiny_prior_beats_the_uniform_baseline(chain):
     uniform = math.log2(64)
     assert metrics["bits_per_token"] < 0.85 * uniform, metrics
     assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * 49)
+
+
+def test_dataset_and_tokenizer_instead_of_codes_encodes_once(chain, tmp_path):
+    out = tmp_path / "run"
+    args = ["--tokenizer", str(chain["tokenizer"]), "--dataset", "fashion_mnist", "--max-train-samples", "256",
+            "--max-eval-samples", "64", "--preset", "tiny", "--train-batch-size", "32", "--max-train-steps", "3",
+            "--eval-steps", "3", "--output-dir", str(out)]  # fmt: skip
+    python_m("train.prior", *args)
+    codes, meta = load_codes(str(out / "codes"))
+    assert (len(codes["train"]), len(codes["test"])) == (256, 64) and meta["tokenizer"] == str(chain["tokenizer"].resolve())
+    stamp = os.path.getmtime(out / "codes" / "vqgpt_codes.json")
+    python_m("train.prior", *args, "--max-train-steps", "4")
+    assert os.path.getmtime(out / "codes" / "vqgpt_codes.json") == stamp, "cached codes are reused"
+    assert load_prior(str(out))[1].tokenizer == str(chain["tokenizer"].resolve())

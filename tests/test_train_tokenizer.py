@@ -88,3 +88,13 @@ def test_report_to_tensorboard_writes_events(tmp_path):
              "--report-to", "tensorboard", "--output-dir", str(out))  # fmt: skip
     events = [f for _, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events.out.tfevents")]
     assert events
+
+
+def test_bf16_mixed_precision_trains_and_keeps_a_float32_codebook(tmp_path):
+    out = tmp_path / "bf16"
+    python_m("train.tokenizer", "--preset", "tiny", "--max-train-samples", "256", "--max-eval-samples", "64",
+             "--train-batch-size", "32", "--max-train-steps", "6", "--eval-steps", "6",
+             "--mixed-precision", "bf16", "--output-dir", str(out))  # fmt: skip
+    weights = _weights(out)
+    assert weights["quantizer.codebook"].dtype == torch.float32 and torch.isfinite(weights["quantizer.codebook"]).all()
+    assert json.loads((out / "metrics.json").read_text())["psnr"] > 0

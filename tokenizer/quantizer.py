@@ -191,7 +191,7 @@ class EMAQuantizer(nn.Module):
             self.init_from_data(flat)
         idx = self.nearest(flat)
         # Quantize with the codebook the assignment was made with, before this step's update.
-        q = rearrange(F.embedding(idx.view(b, h, w), self.codebook), "b h w d -> b d h w").to(z.dtype)
+        q = rearrange(F.embedding(idx.view(b, h, w), self.codebook), "b h w d -> b d h w").to(z.dtype).contiguous()
         if self.training:
             counts, sums = self._counts_and_sums(flat, idx)
             self.ema_update(counts, sums)

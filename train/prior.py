@@ -35,6 +35,7 @@ class PriorArguments:
     sample_guidance_scale: float = field(default=2.0, metadata={"help": "Guidance of the sample grids written at evaluation."})  # fmt: skip
     samples_per_class: int = field(default=4, metadata={"help": "Samples per class in the evaluation grid."})
     encode_batch_size: int = 1024
+    tokenizer_hub_id: str | None = field(default=None, metadata={"help": "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name."})  # fmt: skip
 
 
 def _collate(examples):
@@ -110,12 +111,12 @@ def main(argv=None):
             encode_dataset(prior_args.tokenizer, data_args, codes_dir, prior_args.encode_batch_size, accelerator)
     codes, meta = load_codes(codes_dir)
     info = PriorInfo(meta["num_codes"], len(meta["class_names"]), meta["class_names"], tuple(meta["grid"]),
-                     meta["tokenizer"], tuple(meta["image_size"]))  # fmt: skip
+                     prior_args.tokenizer_hub_id or meta["tokenizer"], tuple(meta["image_size"]))  # fmt: skip
     tokenizer = None
     try:
-        tokenizer = VQVAE.from_pretrained(info.tokenizer).eval() if info.tokenizer else None
+        tokenizer = VQVAE.from_pretrained(meta["tokenizer"]).eval() if meta["tokenizer"] else None
     except Exception as e:  # the grids are a convenience; training does not need the tokenizer
-        accelerator.print(f"warning: tokenizer {info.tokenizer} not loadable ({type(e).__name__}); no sample grids")
+        accelerator.print(f"warning: tokenizer {meta['tokenizer']} not loadable ({type(e).__name__}); no sample grids")
     if tokenizer is not None:
         info.check_tokenizer(tokenizer)
     torch.manual_seed(args.seed)  # identical initial weights on every rank

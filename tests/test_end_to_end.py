@@ -1,0 +1,76 @@
+"""The demo's path with the tiny presets through the real command lines; kills at the worst moments."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, python_m, run
+from sample import ClassConditionalPipeline
+from tokenizer import VQVAE
+
+
+def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo.py", "--out", str(out), "--preset", "tiny", "--max-samples", "2048",
+            "--tokenizer-steps", "40", "--prior-steps", "40"]  # fmt: skip
+    proc = run([sys.executable, *args])
+    for name in ("tokenizer", "prior"):
+        files = set(os.listdir(out / name))
+        assert {"config.json", "model.safetensors", "README.md", "metrics.json", "checkpoints", "images"} <= files, files
+    assert (out / "prior" / "generation_config.json").exists()
+    assert {"dataset_dict.json", "vqgpt_codes.json", "train", "test"} <= set(os.listdir(out / "codes"))
+    samples = datasets.load_dataset("imagefolder", data_dir=str(out / "samples"), split="train")
+    assert len(samples) == 80 and len(set(samples["label"])) == 10
+    assert (out / "samples" / "grid.png").exists()
+    assert "accelerate.commands.launch" in proc.stdout and "-m train.tokenizer" in proc.stdout
+    for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "grid  "):
+        assert line in proc.stdout, line
+    pipe = ClassConditionalPipeline.from_pretrained(str(out / "prior"))
+    assert pipe(["Bag"], seed=0).shape == (1, 1, 28, 28)
+
+    again = run([sys.executable, *args])
+    assert again.stdout.count("reusing") == 3, again.stdout  # tokenizer, codes and prior are not retrained
+
+
+TOK = ["--preset", "fashion-mnist", "--max-train-samples", "512", "--max-eval-samples", "64", "--train-batch-size", "16",
+       "--max-train-steps", "12", "--checkpointing-steps", "1", "--checkpoints-total-limit", "3", "--eval-steps", "100"]  # fmt: skip
+
+
+def _kill_while_writing_a_checkpoint(out, attempts=5):
+    """Start training and SIGKILL it while a checkpoint is half written (its .tmp folder exists)."""
+    ckpts = out / "checkpoints"
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-m", "train.tokenizer", *TOK, "--output-dir", str(out)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        while proc.poll() is None:
+            if ckpts.is_dir() and any(d.startswith(".tmp-checkpoint-") and d != ".tmp-checkpoint-1" for d in os.listdir(ckpts)):  # fmt: skip
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                if any(d.startswith(".tmp-") for d in os.listdir(ckpts)):
+                    return
+            time.sleep(0.001)
+    raise AssertionError(f"never caught a checkpoint being written in {attempts} runs")
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    _kill_while_writing_a_checkpoint(tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    complete = sorted(d for d in os.listdir(ckpts) if d.startswith("checkpoint-"))
+    assert complete, "the previous checkpoint is there"
+    latest = ckpts / complete[-1]
+    load_file(latest / "model.safetensors")  # complete and readable
+    python_m("train.tokenizer", *TOK, "--output-dir", str(tmp_path / "run"), "--resume-from-checkpoint", "latest")
+    assert not any(d.startswith(".tmp-") for d in os.listdir(ckpts)), "the half-written one was cleaned up"
+    python_m("train.tokenizer", *TOK, "--output-dir", str(tmp_path / "ref"))
+    resumed, ref = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    for k in ref:
+        assert torch.allclose(ref[k], resumed[k], atol=1e-6), k
+    VQVAE.from_pretrained(tmp_path / "run")
