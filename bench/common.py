@@ -22,10 +22,11 @@ def machine() -> str:
 
 
 def report(name: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,
-           ratio: float | None = None, target: str = "", ok: bool | None = None, **extra) -> None:  # fmt: skip
+           ratio: float | None = None, target: str = "", ok: bool | None = None, baseline_unit: str | None = None,
+           **extra) -> None:  # fmt: skip
     """Print one result as a line run_all collects: BENCH {json}."""
     row = dict(name=name, value=value, unit=unit, baseline=baseline, baseline_value=baseline_value,
-               ratio=ratio, target=target, ok=ok, **extra)  # fmt: skip
+               baseline_unit=baseline_unit or unit, ratio=ratio, target=target, ok=ok, **extra)  # fmt: skip
     print("BENCH " + json.dumps(row), flush=True)
 
 

@@ -48,12 +48,12 @@ def main():
     ]
     for r in rows:
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in
-                          ("name", "value", "unit", "baseline", "baseline_value", "ratio", "target", "ok"))  # fmt: skip
+                          ("name", "value", "unit", "baseline", "baseline_value", "baseline_unit", "ratio", "target", "ok"))  # fmt: skip
         name = r["name"] + (f" ({extra})" if extra else "")
         met = {True: "yes", False: "**no**", None: ""}[r["ok"]]
         unit = r["unit"]
         lines.append(f"| {name} | {fmt(r['value'])} {unit} | {r['baseline']} | "
-                     f"{fmt(r['baseline_value']) + ' ' + unit if r['baseline_value'] is not None else ''} | "
+                     f"{fmt(r['baseline_value']) + ' ' + r.get('baseline_unit', unit) if r['baseline_value'] is not None else ''} | "
                      f"{fmt(r['ratio'])} | {r['target']} | {met} |")  # fmt: skip
     table = "\n".join(lines)
     os.makedirs("runs/bench", exist_ok=True)

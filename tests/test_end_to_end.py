@@ -23,7 +23,7 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     proc = run([sys.executable, *args])
     for name in ("tokenizer", "prior"):
         files = set(os.listdir(out / name))
-        assert {"config.json", "model.safetensors", "README.md", "metrics.json", "checkpoints", "images"} <= files, files
+        assert {"config.json", "model.safetensors", "README.md", "metrics.json", "images"} <= files, files
     assert (out / "prior" / "generation_config.json").exists()
     assert {"dataset_dict.json", "vqgpt_codes.json", "train", "test"} <= set(os.listdir(out / "codes"))
     samples = datasets.load_dataset("imagefolder", data_dir=str(out / "samples"), split="train")

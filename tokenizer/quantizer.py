@@ -219,4 +219,4 @@ class EMAQuantizer(nn.Module):
             raise ValueError(
                 f"code indices span [{int(indices.min())}, {int(indices.max())}]; expected 0..{self.num_codes - 1}"
             )
-        return rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w")
+        return rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w").contiguous()  # as in forward

@@ -101,6 +101,8 @@ def run_main(main) -> None:
     try:
         main()
     except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("VQGPT_DEBUG"):  # the full traceback, for bug reports
+            raise
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(1)
 
