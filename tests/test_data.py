@@ -90,3 +90,30 @@ def test_folder_without_images_fails_clearly(tmp_path):
 def test_unknown_image_column_fails_clearly(fashion):
     with pytest.raises(DataError, match="image column 'pixels' not in dataset columns"):
         load_image_data(DataArguments(image_column="pixels"))
+
+
+def test_rgb_folder_trains_an_rgb_tokenizer_at_another_size(tmp_path, fashion):
+    """Colour images: 3 channels end to end, resized to 32 px -> 8x8 codes with f = 4."""
+    from PIL import Image as PILImage
+
+    from conftest import python_m
+    from tokenizer import VQVAE
+
+    root = tmp_path / "rgb"
+    for i, row in enumerate(fashion.test.select(range(48))):
+        gray = PILImage.open(__import__("io").BytesIO(row["image"]["bytes"]))
+        rgb = PILImage.merge("RGB", (gray, gray.point(lambda v: v // 2), gray.point(lambda v: 255 - v)))
+        d = root / FASHION_MNIST_CLASSES[row["label"]]
+        d.mkdir(parents=True, exist_ok=True)
+        rgb.save(d / f"{i}.png")
+    data = load_image_data(DataArguments(dataset=str(root)))
+    assert data.channels == 3
+    batch = next(iter(image_loader(data.train, ImageTransform(3, resolution=32), 4, shuffle=False)))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    out = tmp_path / "run"
+    python_m("train.tokenizer", "--preset", "tiny", "--dataset", str(root), "--resolution", "32",
+             "--train-batch-size", "8", "--max-train-steps", "3", "--eval-steps", "3", "--output-dir", str(out))  # fmt: skip
+    model = VQVAE.from_pretrained(out)
+    assert model.config.in_channels == 3
+    assert model.encode(batch["pixel_values"]).shape == (4, 8, 8)
+    assert model.decode(model.encode(batch["pixel_values"])).shape == (4, 3, 32, 32)
