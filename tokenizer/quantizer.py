@@ -108,13 +108,14 @@ class EMAQuantizer(nn.Module):
 
     # -- assignment -------------------------------------------------------------------------
 
-    def nearest(self, flat: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def nearest(self, flat: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Index of the nearest code for each row of ``flat`` (N, D), in float32 even under autocast.
 
         ``|z|^2 - 2 z.e + |e|^2`` as one matmul: ``[z, 1] @ [-2e, |e|^2]^T`` (``|z|^2`` is the same for
         every code of a row, so the argmin skips it). Rows go in chunks so each (chunk, K) block of
         distances stays in cache and memory stays O(chunk * K), not O(N * K).
         """
+        chunk = chunk or (1024 if flat.device.type == "cpu" else 32768)  # CPU cache vs GPU launch count
         with torch.autocast(device_type=flat.device.type, enabled=False):
             e = self.codebook.float()
             codes = torch.cat([-2 * e, (e * e).sum(1, keepdim=True)], dim=1).t()  # (D+1, K)
