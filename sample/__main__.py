@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
 import torch
 from PIL import Image, ImageDraw
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sample.pipeline import ClassConditionalPipeline
 from tokenizer.images import image_grid
+from train.files import publish_dir, staging_dir
 
 
 def parse_classes(spec: str, pipe: ClassConditionalPipeline) -> list[int]:
@@ -68,9 +68,7 @@ def main(argv=None):
         images = pipe(labels, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p if args.top_p < 1 else None, seed=args.seed, batch_size=args.batch_size,
                       progress=bar).cpu()  # fmt: skip
-    # Written beside the destination, then renamed: never a half-written sample folder.
-    tmp = args.output_dir.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(args.output_dir)  # published whole at the end: never a half-written sample folder
     pils = pipe.to_pil(images)
     rows = []
     for i, (c, img) in enumerate(zip(labels, pils)):
@@ -83,9 +81,7 @@ def main(argv=None):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     names = [folder_name(pipe, c) if c < 0 else pipe.class_names[c] for c in classes]
     labelled_grid(images, names, args.per_class).save(os.path.join(tmp, "grid.png"))
-    if os.path.isdir(args.output_dir):
-        shutil.rmtree(args.output_dir)
-    os.replace(tmp, args.output_dir)
+    publish_dir(tmp, args.output_dir)
     print(f"wrote {len(labels)} samples of {len(classes)} classes to {args.output_dir}; grid: {os.path.join(args.output_dir, 'grid.png')}")
 
 

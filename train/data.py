@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import datasets
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, DatasetDict, Features, Image
 from PIL import Image as PILImage
+
+from train.files import publish_dir, staging_dir
 
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
@@ -92,17 +93,13 @@ def load_fashion_mnist() -> DatasetDict:
 
 
 def atomic_save_to_disk(ds: datasets.Dataset | DatasetDict, path: str, extra_files: dict[str, str] | None = None) -> None:
-    """``save_to_disk`` (plus ``extra_files``: name -> text) under a temporary name, then one rename."""
-    tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """``save_to_disk`` (plus ``extra_files``: name -> text) into a staging folder, then one rename."""
+    tmp = staging_dir(path)
     ds.save_to_disk(tmp)
     for name, text in (extra_files or {}).items():
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    publish_dir(tmp, path)
 
 
 # ---------------------------------------------------------------- sources -> splits
@@ -243,6 +240,18 @@ class ImageTransform:
     def __call__(self, batch: dict) -> dict:
         pixels = [image_to_uint8(decode_image(v), self.channels, self.resolution, self.multiple) for v in batch["image"]]
         return {"pixels": pixels, "label": list(batch["label"])}
+
+
+def model_input(data: ImageData, args: DataArguments, channels: int, f: int) -> tuple[ImageTransform, tuple[int, int], tuple[int, int]]:  # fmt: skip
+    """The transform that feeds a model with downsampling factor ``f``, with the (H, W) it produces and
+    the (H, W) of the original pixels (smaller when padding); a DataError if ``f`` does not divide it."""
+    original = (args.resolution,) * 2 if args.resolution else data.size
+    multiple = f if args.pad_to_multiple else None
+    h, w = (original[0] + -original[0] % f, original[1] + -original[1] % f) if multiple else original
+    if h % f or w % f:
+        raise DataError(f"image size {h}x{w} is not divisible by the downsampling factor f={f}; "
+                        "pass --pad-to-multiple or --resolution")  # fmt: skip
+    return ImageTransform(channels, args.resolution, multiple), (h, w), original
 
 
 def collate(examples: list[dict]) -> dict:

@@ -22,7 +22,8 @@ from datasets import ClassLabel, Features, Sequence, Value
 from tqdm.auto import tqdm
 
 from tokenizer import VQVAE
-from train.data import DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader, load_image_data
+from train.data import (DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
+                        load_image_data, model_input)  # fmt: skip
 from train.loop import parse_args, run_main
 
 META_FILE = "vqgpt_codes.json"
@@ -78,12 +79,7 @@ def encode_dataset(tokenizer_ref: str, data_args: DataArguments, output_dir: str
     if data.channels != cfg.in_channels:
         raise DataError(f"dataset images have {data.channels} channel(s) but the tokenizer expects {cfg.in_channels}")
     f = model.downsample_factor
-    h, w = (data_args.resolution,) * 2 if data_args.resolution else data.size
-    if data_args.pad_to_multiple:
-        h, w = h + (-h % f), w + (-w % f)
-    if h % f or w % f:
-        raise DataError(f"image size {h}x{w} is not divisible by the downsampling factor f={f}; pass --pad-to-multiple or --resolution")  # fmt: skip
-    transform = ImageTransform(cfg.in_channels, data_args.resolution, f if data_args.pad_to_multiple else None)
+    transform, (h, w), _ = model_input(data, data_args, cfg.in_channels, f)
     dtype = "int16" if cfg.num_codes <= 32768 else "int32"
     features = Features({
         "codes": Sequence(Value(dtype), length=(h // f) * (w // f)),

@@ -25,6 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
+from train.files import publish_dir, staging_dir, staging_path
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (NaN loss, bad checkpoint); the message is one line."""
@@ -159,21 +161,19 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, state: di
     """``save_state`` into a temporary folder, then rename it: a crash never leaves a half checkpoint."""
     root = checkpoint_dir(args.output_dir)
     final = os.path.join(root, f"checkpoint-{state['step']}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{state['step']}")
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
         for d in os.listdir(root):  # leftovers of saves that were killed
             if d.startswith(".tmp-checkpoint-"):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    tmp = staging_path(final)  # every rank's save_state writes its part here
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         if args.checkpoints_total_limit:
             for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -211,9 +211,8 @@ def save_final(accelerator: Accelerator, args: TrainingArguments, stage: Stage, 
     """Save the final model into ``output_dir`` through a temporary folder and per-file renames."""
     if not accelerator.is_main_process:
         return
-    tmp = os.path.join(args.output_dir, f".tmp-model-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # The run folder also holds checkpoints and images, so the model files are renamed in one by one.
+    tmp = staging_dir(os.path.join(args.output_dir, "model"))
     stage.save(model, tmp, metrics)
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

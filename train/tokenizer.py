@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from tokenizer import VQVAE, get_config
 from tokenizer.hub import write_model_card
 from tokenizer.images import image_grid, psnr
-from train.data import DataArguments, DataError, ImageTransform, image_loader, load_image_data
+from train.data import DataArguments, image_loader, load_image_data, model_input
 from train.loop import TrainingArguments, make_accelerator, parse_args, run_main, train
 
 
@@ -97,20 +97,15 @@ def main(argv=None):
     config = get_config(model_args.preset, in_channels=data.channels, num_codes=model_args.num_codes,
                         code_dim=model_args.code_dim, channels=model_args.channels,
                         dead_threshold=model_args.dead_threshold, seed=args.seed)  # fmt: skip
-    f = config.downsample_factor
-    h, w = (data_args.resolution,) * 2 if data_args.resolution else data.size
-    if (h % f or w % f) and not data_args.pad_to_multiple:
-        raise DataError(f"image size {h}x{w} is not divisible by the downsampling factor f={f}; "
-                        "pass --pad-to-multiple or --resolution")  # fmt: skip
+    transform, _, original = model_input(data, data_args, data.channels, config.downsample_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VQVAE(config)
-    transform = ImageTransform(data.channels, data_args.resolution, f if data_args.pad_to_multiple else None)
     train_loader = image_loader(data.train, transform, args.train_batch_size, shuffle=True,
                                 num_workers=data_args.num_workers, drop_last=True)  # fmt: skip
     eval_loader = image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)  # fmt: skip
     grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
     grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
-    stage = TokenizerStage(data_args, model_args, grid, crop=(h, w) if data_args.pad_to_multiple else None)
+    stage = TokenizerStage(data_args, model_args, grid, crop=original if data_args.pad_to_multiple else None)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(data_args), **asdict(model_args)})  # fmt: skip
     accelerator.print(f"tokenizer saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -1,0 +1,27 @@
+"""Folders that appear whole or not at all: write into a staging folder, then one rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def staging_path(path: str) -> str:
+    """Where ``path`` is staged: ``.tmp-<name>`` beside it (hidden from ``datasets`` and checkpoint listings)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".tmp-{name}")
+
+
+def staging_dir(path: str) -> str:
+    """An empty staging folder for ``path``, to be filled and then published."""
+    staging = staging_path(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def publish_dir(staging: str, path: str) -> None:
+    """Replace ``path`` with the filled ``staging`` folder (a crash before this leaves ``path`` as it was)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(staging, path)
