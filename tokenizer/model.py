@@ -1,14 +1,12 @@
 """The VQ-VAE image tokenizer: residual conv encoder -> EMA quantizer -> residual conv decoder."""
 
-from __future__ import annotations
-
-import os
+# No `from __future__ import annotations` here: PyTorchModelHubMixin reads the real VQVAEConfig
+# annotation of __init__ to rebuild the config dataclass from config.json.
 from dataclasses import dataclass, field, replace
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .quantizer import EMAQuantizer
@@ -173,25 +171,12 @@ class VQVAE(
         """Code indices (B, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
         return self.decoder(self.quantizer.lookup(indices.long())).clamp(-1, 1)
 
-    # -- Hub: strict loading, the mixin's default is strict=False ----------------------------
+    # -- Hub: the mixin's loading, but strict (its default is strict=False) -------------------
 
     @classmethod
-    def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
-                         local_files_only=False, token=None, map_location="cpu", strict=True, **model_kwargs):  # fmt: skip
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, "model.safetensors")
-            if not os.path.exists(weights):
-                raise FileNotFoundError(f"{model_id} has no model.safetensors; expected a folder written by save_pretrained")
-        else:
-            weights = hf_hub_download(model_id, "model.safetensors", revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, local_files_only=local_files_only, token=token)  # fmt: skip
-        config = model_kwargs.pop("config")
-        if isinstance(config, dict):
-            config = VQVAEConfig(**config)
-        model = cls(config, **model_kwargs)
+    def _from_pretrained(cls, *, model_id, strict=True, **kwargs):
         try:
-            missing, unexpected = safetensors.torch.load_model(model, weights, strict=strict, device=map_location)
-        except RuntimeError as e:
+            return super()._from_pretrained(model_id=model_id, strict=strict, **kwargs)
+        except RuntimeError as e:  # missing or unexpected weights
             detail = " ".join(line.strip() for line in str(e).splitlines())
             raise ValueError(f"weights in {model_id} do not match its config: {detail}") from None
-        return model.eval()
