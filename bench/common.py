@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import torch
 
@@ -29,14 +28,3 @@ def report(name: str, value: float, unit: str, baseline: str = "", baseline_valu
                baseline_unit=baseline_unit or unit, ratio=ratio, target=target, ok=ok, **extra)  # fmt: skip
     print("BENCH " + json.dumps(row), flush=True)
 
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]

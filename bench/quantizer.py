@@ -6,6 +6,8 @@ K = 512 and 4096. The two are timed alternately in one process. Target: ours at 
     python -m bench.quantizer
 """
 
+import time
+
 import torch
 from vector_quantize_pytorch import VectorQuantize
 
@@ -32,8 +34,6 @@ def main():
         def step_theirs():
             q, _, loss = theirs(z_theirs)
             (q.sum() + loss.sum()).backward()
-
-        import time
 
         t_ours, t_theirs = [], []
         for i in range(REPEATS + 2):  # alternate so both see the same machine state

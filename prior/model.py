@@ -52,12 +52,18 @@ class PriorInfo:
         return self.grid[0] * self.grid[1]
 
     @classmethod
+    def from_dict(cls, meta: dict) -> PriorInfo:
+        """From a prior's ``config.vqgpt`` or the ``vqgpt_codes.json`` of train.encode (C = number of names)."""
+        size = tuple(meta["image_size"]) if meta.get("image_size") else None
+        num_classes = meta.get("num_classes", len(meta["class_names"]))
+        return cls(meta["num_codes"], num_classes, list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size)  # fmt: skip
+
+    @classmethod
     def from_config(cls, config: GPT2Config) -> PriorInfo:
         meta = getattr(config, "vqgpt", None)
         if not meta:
             raise ValueError("this GPT-2 folder is not a vqgpt prior (its config.json has no 'vqgpt' entry)")
-        size = tuple(meta["image_size"]) if meta.get("image_size") else None
-        return cls(meta["num_codes"], meta["num_classes"], list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size)  # fmt: skip
+        return cls.from_dict(meta)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a tokenizer whose K, or whose code grid for the prior's image size, differs."""
@@ -113,5 +119,5 @@ def prior_loss(model, codes: torch.Tensor, labels: torch.Tensor, layout: TokenLa
     return nll if reduction == "mean" else nll.view(codes.shape).mean(1)  # "none": (B,) per sequence
 
 
-def bits(nats: float) -> float:
+def bits(nats):  # float or tensor
     return nats / math.log(2)

@@ -49,21 +49,17 @@ class ClassConditionalPipeline:
     def class_names(self) -> list[str]:
         return self.info.class_names
 
-    def class_ids(self, labels: Sequence[int | str] | None) -> list[int]:
-        """Class ids or names -> ids; ``None`` entries (or -1) mean unconditional."""
-        if labels is None:
-            return []
+    def class_ids(self, labels: Sequence[int | str | None]) -> list[int]:
+        """Class ids or names -> ids, checked against the prior; ``None`` entries (or -1) mean unconditional."""
         ids = []
         for label in labels:
             if isinstance(label, str) and not label.lstrip("-").isdigit():
                 if label not in self.class_names:
                     raise ValueError(f"unknown class {label!r}; expected one of {self.class_names}")
                 ids.append(self.class_names.index(label))
-                continue
-            i = -1 if label is None else int(label)
-            if not -1 <= i < self.info.num_classes:
-                raise ValueError(f"class id {i} is out of range; expected 0..{self.info.num_classes - 1} or a class name")
-            ids.append(i)
+            else:
+                ids.append(-1 if label is None else int(label))
+        self.info.layout.condition_tokens(torch.tensor(ids))  # range check, before any generation
         return ids
 
     @torch.inference_mode()

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
+from tokenizer.hub import push_folder, write_model_card
 from train.files import publish_dir, staging_dir, staging_path
 
 
@@ -65,7 +66,7 @@ class Stage(Protocol):
 
     name: str  # "tokenizer" | "prior"
 
-    def training_loss(self, model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Loss and logged scalars for one batch; ``model`` may be DDP-wrapped."""
 
     def evaluate(self, model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -74,8 +75,8 @@ class Stage(Protocol):
     def image(self, model: torch.nn.Module, accelerator: Accelerator) -> Image.Image | None:
         """A grid to look at (reconstructions, samples); called on every rank."""
 
-    def save(self, model: torch.nn.Module, directory: str, metrics: dict[str, float]) -> None:
-        """Write the final model (``save_pretrained`` + model card) into an empty ``directory``."""
+    def model_card(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The arguments of :func:`tokenizer.hub.write_model_card` for the final model, less its folder."""
 
 
 # ---------------------------------------------------------------- command line
@@ -213,7 +214,8 @@ def save_final(accelerator: Accelerator, args: TrainingArguments, stage: Stage, 
         return
     # The run folder also holds checkpoints and images, so the model files are renamed in one by one.
     tmp = staging_dir(os.path.join(args.output_dir, "model"))
-    stage.save(model, tmp, metrics)
+    model.save_pretrained(tmp)
+    write_model_card(tmp, metrics=metrics, **stage.model_card(model))
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last: it marks a model
@@ -281,7 +283,7 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
     try:
         model.train()
         metrics: dict[str, float] = {}
-        running: dict[str, float] = {}
+        running: torch.Tensor | None = None  # sums of (loss, *logs) since the last log
         n_running, t_last = 0, time.time()
         micro = 0
         while step < args.max_train_steps:
@@ -291,7 +293,7 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
                 batch_in_epoch += 1
                 seed_step(args.seed, step, micro, accelerator.process_index)
                 with accelerator.accumulate(model):
-                    loss, logs = stage.training_loss(model, batch, step)
+                    loss, logs = stage.training_loss(model, batch)
                     _check_finite(accelerator, loss, step)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -299,8 +301,10 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1
-                for k, v in {"loss": loss.detach(), **logs}.items():
-                    running[k] = running.get(k, 0.0) + float(v)
+                # Summed on the device; read back only when logged.
+                scalars = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).detach()
+                                       for v in (loss, *logs.values())])  # fmt: skip
+                running = scalars if running is None else running + scalars
                 n_running += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -310,14 +314,13 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
                 step += 1
                 progress.update(1)
                 if step % args.logging_steps == 0 or step == args.max_train_steps:
-                    means = {k: v / n_running for k, v in running.items()}
-                    reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
-                    logged = {f"train/{k}": float(v) for k, v in zip(means, reduced)}
+                    reduced = accelerator.reduce(running / n_running, "mean")
+                    logged = {f"train/{k}": float(v) for k, v in zip(["loss", *logs], reduced)}
                     logged["train/lr"] = scheduler.get_last_lr()[0]
                     logged["train/steps_per_s"] = args.logging_steps / max(time.time() - t_last, 1e-9)
                     accelerator.log(logged, step=step)
                     progress.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
-                    running, n_running, t_last = {}, 0, time.time()
+                    running, n_running, t_last = None, 0, time.time()
                 if step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
                 if step % args.eval_steps == 0 or step == args.max_train_steps:
@@ -333,8 +336,6 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
     save_final(accelerator, args, stage, unwrapped, metrics)
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
-        from tokenizer.hub import push_folder
-
         if not args.hub_model_id:
             raise ValueError("--push-to-hub needs --hub-model-id (e.g. user/vqgpt-fashion-mnist)")
         url = push_folder(args.output_dir, args.hub_model_id, private=args.hub_private)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -15,7 +16,6 @@ from accelerate import Accelerator
 
 from prior import PriorInfo, bits, build_prior, generate_codes, prior_loss
 from tokenizer import VQVAE
-from tokenizer.hub import write_model_card
 from tokenizer.images import image_grid
 from train.data import DataArguments
 from train.encode import encode_dataset, load_codes
@@ -51,9 +51,9 @@ class PriorStage:
     def __init__(self, info: PriorInfo, args: PriorArguments, tokenizer: VQVAE | None, dataset: str):
         self.info, self.args, self.tokenizer, self.dataset = info, args, tokenizer, dataset
 
-    def training_loss(self, model, batch, step):
+    def training_loss(self, model, batch):
         loss = prior_loss(model, batch["codes"], batch["labels"], self.info.layout, self.args.p_uncond)
-        return loss, {"bits_per_token": loss.detach() / torch.log(torch.tensor(2.0))}
+        return loss, {"bits_per_token": bits(loss.detach())}
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -77,20 +77,17 @@ class PriorStage:
         images = self.tokenizer.to(accelerator.device).decode(codes.view(-1, *self.info.grid))
         return image_grid(images.cpu(), nrow=n)  # one row per class
 
-    def save(self, model, directory, metrics):
-        model.save_pretrained(directory)
+    def model_card(self, model):
         cfg = model.config
-        write_model_card(
-            directory,
+        return dict(
             title=f"vqgpt prior ({self.args.preset})",
             summary=(f"A GPT-2 prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
                      f"`{self.info.tokenizer}` (K={self.info.num_codes}), conditioned on {self.info.num_classes} classes "
                      "with classifier-free guidance."),  # fmt: skip
-            metrics=metrics,
             dataset=self.dataset,
             details={"dataset": self.dataset, "preset": self.args.preset, "tokenizer": self.info.tokenizer,
                      "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "p_uncond": self.args.p_uncond,
-                     "uniform baseline (bits/token)": f"{bits(torch.log(torch.tensor(float(self.info.num_codes))).item()):.4g}"},  # fmt: skip
+                     "uniform baseline (bits/token)": f"{math.log2(self.info.num_codes):.4g}"},  # fmt: skip
             tags=["gpt2", "image-generation", "class-conditional"],
             usage='from sample import ClassConditionalPipeline\npipe = ClassConditionalPipeline.from_pretrained("PATH_OR_REPO_ID")\n'
                   f'images = pipe(["{self.info.class_names[0] if self.info.class_names else 0}"] * 8, guidance_scale=2.0)',
@@ -110,8 +107,7 @@ def main(argv=None):
         if not os.path.exists(os.path.join(codes_dir, "vqgpt_codes.json")):
             encode_dataset(prior_args.tokenizer, data_args, codes_dir, prior_args.encode_batch_size, accelerator)
     codes, meta = load_codes(codes_dir)
-    info = PriorInfo(meta["num_codes"], len(meta["class_names"]), meta["class_names"], tuple(meta["grid"]),
-                     prior_args.tokenizer_hub_id or meta["tokenizer"], tuple(meta["image_size"]))  # fmt: skip
+    info = PriorInfo.from_dict({**meta, "tokenizer": prior_args.tokenizer_hub_id or meta["tokenizer"]})
     tokenizer = None
     try:
         tokenizer = VQVAE.from_pretrained(meta["tokenizer"]).eval() if meta["tokenizer"] else None

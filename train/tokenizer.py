@@ -11,7 +11,6 @@ import torch
 from accelerate import Accelerator
 
 from tokenizer import VQVAE, get_config
-from tokenizer.hub import write_model_card
 from tokenizer.images import image_grid, psnr
 from train.data import DataArguments, image_loader, load_image_data, model_input
 from train.loop import TrainingArguments, make_accelerator, parse_args, run_main, train
@@ -35,11 +34,11 @@ class TokenizerStage:
         self.data_args, self.model_args, self.grid_images = data_args, model_args, grid_images
         self.crop = crop  # (H, W) of the original images when they were padded
 
-    def training_loss(self, model, batch, step):
+    def training_loss(self, model, batch):
         out = model(batch["pixel_values"])
         s = out.stats
         logs = {"rec_loss": out.reconstruction_loss.detach(), "commit_loss": out.commitment_loss.detach(),
-                "perplexity": s["perplexity"], "usage": s["usage"], "restarted": float(s["restarted"])}  # fmt: skip
+                "perplexity": s["perplexity"], "usage": s["usage"], "restarted": s["restarted"]}  # fmt: skip
         return out.loss, logs
 
     @torch.no_grad()
@@ -70,16 +69,13 @@ class TokenizerStage:
         recon = model(x).reconstruction
         return image_grid(torch.cat([x, recon]).cpu(), nrow=len(x))  # originals above reconstructions
 
-    def save(self, model, directory, metrics):
-        model.save_pretrained(directory)
+    def model_card(self, model):
         cfg = model.config
-        write_model_card(
-            directory,
+        return dict(
             title=f"vqgpt tokenizer ({self.model_args.preset})",
             summary=(f"A VQ-VAE image tokenizer trained with vqgpt: {cfg.in_channels}-channel images -> "
                      f"a grid of codes from a codebook of K={cfg.num_codes} (D={cfg.code_dim}), downsampling f={cfg.downsample_factor}, "
                      "EMA codebook with dead-code restarts."),  # fmt: skip
-            metrics=metrics,
             dataset=self.data_args.dataset,
             details={"dataset": self.data_args.dataset, "preset": self.model_args.preset, **asdict(cfg)},
             tags=["vq-vae", "image-tokenizer"],
