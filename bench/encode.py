@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from bench.common import machine, report
 from tokenizer import VQVAE, get_config
-from train.data import DataArguments, ImageTransform, image_loader, load_image_data
+from common.data import DataArguments, ImageTransform, image_loader, load_image_data
 from train.encode import encode_split
 
 BATCH = 1024

@@ -12,7 +12,7 @@ import torch
 
 from bench.common import machine, report
 from tokenizer import VQVAE, get_config
-from train.data import DataArguments, ImageTransform, image_loader, load_image_data
+from common.data import DataArguments, ImageTransform, image_loader, load_image_data
 
 STEPS, WARMUP = 30, 5
 

@@ -1,6 +1,6 @@
 """Write class-conditional samples as an imagefolder plus a labelled grid.
 
-    python -m sample --prior runs/prior --classes all --per-class 8 --guidance-scale 2 --output-dir samples/
+    python -m sample --prior runs/prior --classes all --per-class 8 --output-dir samples/
 
 writes OUTPUT_DIR/<class_name>/<i>.png with OUTPUT_DIR/metadata.jsonl (so datasets' imagefolder loads it
 back with the class names as labels) and OUTPUT_DIR/grid.png with one labelled row per class.
@@ -8,17 +8,18 @@ back with the class names as labels) and OUTPUT_DIR/grid.png with one labelled r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from sample.pipeline import ClassConditionalPipeline
-from tokenizer.images import image_grid
-from train.files import publish_dir, staging_dir
+from common.cli import UsageError, option, parse_args
+from sample.pipeline import ClassConditionalPipeline, SamplingArguments
+from common.images import image_grid
+from common.files import publish_dir, staging_dir
 
 
 def parse_classes(spec: str, pipe: ClassConditionalPipeline) -> list[int]:
@@ -45,29 +46,26 @@ def labelled_grid(images: torch.Tensor, names: list[str], per_class: int) -> Ima
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n")[1])
-    p.add_argument("--prior", required=True, help="prior folder (train.prior output) or Hub id")
-    p.add_argument("--tokenizer", default=None, help="override the tokenizer the prior names")
-    p.add_argument("--classes", default="all", help="'all' or a comma list of ids and names, e.g. 0,3,Sneaker")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="1 = plain conditional, 0 = unconditional")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output-dir", default="samples")
-    args = p.parse_args(argv)
+@dataclass
+class SampleArguments:
+    prior: str = option(None, "Prior folder (train.prior output) or Hub id.")
+    tokenizer: str | None = option(None, "Override the tokenizer the prior names.")
+    classes: str = option("all", "'all' or a comma list of ids and names, e.g. 0,3,Sneaker.")
+    per_class: int = option(8, "Images per class.", domain="positive")
+    output_dir: str = option("samples", "Written whole at the end: <class>/<i>.png, metadata.jsonl, grid.png.")
 
-    pipe = ClassConditionalPipeline.from_pretrained(args.prior, tokenizer=args.tokenizer, device=args.device)
+    def validate(self) -> None:
+        if not self.prior:
+            raise UsageError("--prior is required: a train.prior output folder or a Hub id")
+
+
+def main(argv=None):
+    args, sampling = parse_args((SampleArguments, SamplingArguments), argv)
+    pipe = ClassConditionalPipeline.from_pretrained(args.prior, tokenizer=args.tokenizer, device=sampling.device)
     classes = list(dict.fromkeys(parse_classes(args.classes, pipe)))  # each class once, in the order given
     labels = [c for c in classes for _ in range(args.per_class)]
     with tqdm(total=len(labels), desc="sample", unit="img", dynamic_ncols=True) as bar:
-        images = pipe(labels, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p if args.top_p < 1 else None, seed=args.seed, batch_size=args.batch_size,
-                      progress=bar).cpu()  # fmt: skip
+        images = pipe(labels, **sampling.pipeline_kwargs(), progress=bar).cpu()
     tmp = staging_dir(args.output_dir)  # published whole at the end: never a half-written sample folder
     pils = pipe.to_pil(images)
     rows = []
@@ -86,6 +84,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train.loop import run_main
+    from common.cli import run_main
 
     run_main(main)

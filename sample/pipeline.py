@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from common.cli import UsageError, option
+
 from prior import PriorInfo, generate_codes, load_prior
 from tokenizer import VQVAE
-from tokenizer.images import to_pil
+from common.images import to_pil
+
+
+@dataclass
+class SamplingArguments:
+    """The sampling settings of ``python -m sample``, ``python -m evaluation --prior`` and the prior's
+    evaluation during training. Defaults chosen by measurement: docs/recipe.md."""
+
+    guidance_scale: float = option(2.0, "Classifier-free guidance: 1 = plain conditional, 0 = unconditional.", domain="non-negative")  # fmt: skip
+    temperature: float = option(1.0, "Softmax temperature; 0 = greedy.", domain="non-negative")
+    top_k: int = option(0, "Keep the k most likely codes; 0 = no top-k filtering.", domain="non-negative")
+    top_p: float = option(1.0, "Nucleus filtering; 1 = none.", domain="top-p")
+    seed: int = option(0, "Seed of the sampling RNG: the same seed gives the same images.", domain="non-negative")
+    batch_size: int = option(64, "Images generated at once (guidance doubles the rows).", domain="positive")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "Device of the prior and the decoder.")
+
+    def validate(self) -> None:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device!r}: no CUDA device is available here; use --device cpu")
+
+    def pipeline_kwargs(self) -> dict:
+        return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k or None,
+                    top_p=self.top_p if self.top_p < 1 else None, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
 
 
 class ClassConditionalPipeline:

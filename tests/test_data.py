@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.data import FASHION_MNIST_CLASSES, DataArguments, DataError, ImageTransform, image_loader, load_image_data
+from common.data import FASHION_MNIST_CLASSES, DataArguments, DataError, ImageTransform, image_loader, load_image_data
 
 
 def _first_batch(data, n=8):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import accelerate_launch
 from tokenizer import VQVAE
-from train.data import FASHION_MNIST_CLASSES, DataArguments, ImageTransform, image_loader, load_image_data
+from common.data import FASHION_MNIST_CLASSES, DataArguments, ImageTransform, image_loader, load_image_data
 from train.encode import load_codes
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import last_error_line, python_m
 from tokenizer import VQVAE, get_config
-from train.data import FASHION_MNIST_CLASSES
+from common.data import FASHION_MNIST_CLASSES
 
 TINY = ["--preset", "tiny", "--max-train-samples", "256", "--max-eval-samples", "64", "--train-batch-size", "16",
         "--logging-steps", "2"]  # fmt: skip

@@ -85,7 +85,7 @@ class FakeHub:
 
 
 def test_push_cli_uploads_config_weights_and_card(tmp_path, trained_tiny, fashion_batch):
-    from tokenizer.hub import write_model_card
+    from common.hub import write_model_card
     from tokenizer.push import main as push_main
 
     run_dir = tmp_path / "run"

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import last_error_line, python_m
 from prior import PriorInfo, build_prior, generate_codes
 from sample import ClassConditionalPipeline
-from train.data import DataArguments, load_image_data
+from common.data import DataArguments, load_image_data
 
 INFO = PriorInfo(64, 10, [str(i) for i in range(10)], (7, 7), None, (28, 28))
 torch.manual_seed(0)

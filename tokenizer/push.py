@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .hub import push_folder
+from common.hub import push_folder
 from .model import VQVAE
 
 
@@ -28,6 +28,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from train.loop import run_main
+    from common.cli import run_main
 
     run_main(main)

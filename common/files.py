@@ -25,3 +25,17 @@ def publish_dir(staging: str, path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(staging, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file or nothing: a temporary file beside it, then one rename."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, PyTorchModelHubMixin
+from safetensors.torch import save_file
 
 # What a saved model folder consists of; checkpoints, images and logs stay local.
 MODEL_FILES = ["config.json", "model.safetensors", "generation_config.json", "README.md"]
@@ -58,3 +59,32 @@ def push_folder(folder: str, repo_id: str, *, private: bool = False, token: str 
     operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in present]
     info = api.create_commit(repo_id, operations=operations, commit_message="Upload vqgpt model")
     return str(getattr(info, "commit_url", info))
+
+
+class HubMixin(PyTorchModelHubMixin):
+    """``PyTorchModelHubMixin`` as vqgpt's own models (tokenizer, classifier) use it.
+
+    Saving takes an optional ``state_dict`` (the full weights gathered from FSDP shards, as in
+    ``transformers``' ``save_pretrained``); loading is strict: a missing or extra weight is an error
+    naming the folder (the mixin's default is ``strict=False``, which loads half a model silently).
+    """
+
+    def save_pretrained(self, save_directory, *, state_dict: dict | None = None, **kwargs):
+        self._state_dict_to_save = state_dict
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._state_dict_to_save = None
+
+    def _save_pretrained(self, save_directory) -> None:
+        state = getattr(self, "_state_dict_to_save", None)
+        state = self.state_dict() if state is None else state
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(save_directory, "model.safetensors"))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, strict=True, **kwargs):
+        try:
+            return super()._from_pretrained(model_id=model_id, strict=strict, **kwargs)
+        except RuntimeError as e:  # missing or unexpected weights
+            detail = " ".join(line.strip() for line in str(e).splitlines())
+            raise ValueError(f"weights in {model_id} do not match its config: {detail}") from None
