@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import StaticCache
 
 from .layout import TokenLayout
 
@@ -33,13 +34,21 @@ def generate_codes(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cache: str = "dynamic",
+    forward=None,
 ) -> torch.Tensor:
     """Sample code sequences (B, seq_len) for class ``labels`` (B,) (-1 or ``None``: unconditional).
 
     Guidance ``l = l_null + s (l_cond - l_null)`` runs the conditional and null rows as one batch of 2B.
     ``s = 1`` is plain conditional sampling and ``s = 0`` unconditional: both skip the extra rows.
     ``temperature = 0`` or ``top_k = 1`` is greedy decoding. Only code ids (< K) can be emitted.
+    ``cache="static"`` preallocates transformers' ``StaticCache``: every step is then a one-token
+    forward of fixed shapes, which ``forward=torch.compile(model, mode="reduce-overhead")`` can replay
+    as a CUDA graph (measured in bench/gpu.py).
     """
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache {cache!r}; expected 'dynamic' or 'static'")
+    forward = model if forward is None else forward  # (a compiled module has no truth value)
     device = next(model.parameters()).device
     cond = layout.condition_tokens(labels, batch_size).to(device)
     b = cond.shape[0]
@@ -48,11 +57,14 @@ def generate_codes(
     guided = guidance_scale not in (0.0, 1.0)
     rows = torch.cat([cond, torch.full_like(cond, layout.null_token)]) if guided else cond
     ids = rows[:, None]  # (R, 1), R = 2B when guided
-    past = None
-    for _ in range(seq_len):
-        step_ids = ids[:, -1:] if past is not None else ids
-        out = model(input_ids=step_ids, past_key_values=past, use_cache=use_cache)
-        past = out.past_key_values if use_cache else None
+    past = StaticCache(config=model.config, max_cache_len=seq_len + 1) if use_cache and cache == "static" else None
+    for t in range(seq_len):
+        if use_cache:  # the condition, then one new token a step
+            out = forward(input_ids=ids[:, -1:], past_key_values=past, use_cache=True,
+                          cache_position=torch.tensor([t], device=device))  # fmt: skip
+            past = out.past_key_values
+        else:
+            out = forward(input_ids=ids, use_cache=False)
         logits = out.logits[:, -1, : layout.num_codes].float()  # (R, K)
         if guided:
             l_cond, l_null = logits.chunk(2)

@@ -19,12 +19,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import ClassLabel, Features, Sequence, Value
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from tokenizer import VQVAE
-from train.data import (DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
+from common.data import (DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
                         load_image_data, model_input)  # fmt: skip
-from train.loop import parse_args, run_main
+from common.cli import parse_args, run_main
 
 META_FILE = "vqgpt_codes.json"
 
@@ -51,21 +52,30 @@ def load_codes(path: str) -> tuple[datasets.DatasetDict, dict]:
         return datasets.load_from_disk(path), json.load(f)
 
 
-def encode_split(model: VQVAE, ds: datasets.Dataset, transform: ImageTransform, batch_size: int,
-                 accelerator: Accelerator, desc: str, num_workers: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """This process's shard of ``ds`` -> (codes (n, h*w), labels (n,)), gathered on every process."""
-    with accelerator.split_between_processes(list(range(len(ds)))) as mine:
-        shard = ds.select(mine)
-        codes, labels = [], []
-        # One worker decodes the next batch of PNGs while the model encodes this one.
-        loader = image_loader(shard, transform, batch_size, shuffle=False, num_workers=num_workers)
-        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-            idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w), inference mode
-            codes.append(idx.flatten(1).cpu())
-            labels.append(batch["labels"])
-        local = (torch.cat(codes).numpy(), torch.cat(labels).numpy()) if codes else (np.zeros((0, 0)), np.zeros(0))
+def encode_split(model: VQVAE, ds: datasets.Dataset | datasets.IterableDataset, transform: ImageTransform,
+                 batch_size: int, accelerator: Accelerator, desc: str, num_workers: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """This process's share of ``ds`` -> (codes (n, h*w), labels (n,)), gathered on every process.
+
+    A map-style split is cut into contiguous index ranges; a stream into disjoint shards
+    (``split_dataset_by_node``), read once, in order.
+    """
+    if isinstance(ds, datasets.IterableDataset):
+        shard = split_dataset_by_node(ds, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=transform)
+    else:
+        with accelerator.split_between_processes(list(range(len(ds)))) as mine:
+            # One worker decodes the next batch of PNGs while the model encodes this one.
+            loader = image_loader(ds.select(mine), transform, batch_size, shuffle=False, num_workers=num_workers)
+    codes, labels = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+        idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w), inference mode
+        codes.append(idx.flatten(1).cpu())
+        labels.append(batch["labels"])
+    local = (torch.cat(codes).numpy(), torch.cat(labels).numpy()) if codes else (np.zeros((0, 0)), np.zeros(0))
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     parts = [p for p in parts if len(p[1])]
+    if not parts:
+        raise DataError(f"{desc}: no images to encode")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
