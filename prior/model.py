@@ -1,4 +1,4 @@
-"""The GPT-2 prior over code sequences: presets, the self-describing saved folder, and the loss."""
+"""The prior over code sequences: GPT-2 or Llama from transformers, presets, the self-describing folder, the loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from .layout import TokenLayout
 
@@ -23,7 +23,10 @@ class _NoPaddingWarning(logging.Filter):
 
 logging.getLogger("transformers.modeling_utils").addFilter(_NoPaddingWarning())
 
-# Named sizes. Dropout is small: the code sequences are a compressed, already-regularised signal.
+ARCHITECTURES = ("gpt2", "llama")  # GPT2LMHeadModel, or LlamaForCausalLM (RoPE, SwiGLU, RMSNorm: LlamaGen's choice)
+
+# Named sizes, shared by both architectures. Dropout is small: the code sequences are a compressed,
+# already-regularised signal.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, dropout=0.0),  # tests: seconds on a CPU
     "fashion-mnist": dict(n_layer=4, n_embd=192, n_head=6, dropout=0.0),  # 1.9M params; CPU-bound, so small and no dropout
@@ -59,10 +62,10 @@ class PriorInfo:
         return cls(meta["num_codes"], num_classes, list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size)  # fmt: skip
 
     @classmethod
-    def from_config(cls, config: GPT2Config) -> PriorInfo:
+    def from_config(cls, config: PretrainedConfig) -> PriorInfo:
         meta = getattr(config, "vqgpt", None)
         if not meta:
-            raise ValueError("this GPT-2 folder is not a vqgpt prior (its config.json has no 'vqgpt' entry)")
+            raise ValueError(f"this {config.model_type} folder is not a vqgpt prior (its config.json has no 'vqgpt' entry)")
         return cls.from_dict(meta)
 
     def check_tokenizer(self, tokenizer) -> None:
@@ -76,28 +79,51 @@ class PriorInfo:
                 raise ValueError(f"tokenizer turns {self.image_size[0]}x{self.image_size[1]} images into a {grid[0]}x{grid[1]} grid but the prior expects {self.grid[0]}x{self.grid[1]}")  # fmt: skip
 
 
-def build_prior(preset: str, info: PriorInfo, **overrides) -> GPT2LMHeadModel:
+def _swiglu_width(n_embd: int) -> int:
+    """SwiGLU's hidden width: 8/3 of the model width (LLaMA's rule, equal in parameters to a 4x GELU MLP),
+    rounded up to a multiple of 64."""
+    return -(-8 * n_embd // 3 // 64) * 64
+
+
+def build_prior(preset: str, info: PriorInfo, arch: str = "gpt2", **overrides) -> GPT2LMHeadModel | LlamaForCausalLM:
+    """A new prior of ``preset`` size for ``info``'s layout; ``arch`` gpt2 or llama."""
     if preset not in PRESETS:
         raise ValueError(f"unknown prior preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown prior architecture {arch!r}; expected one of {list(ARCHITECTURES)}")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     layout = info.layout
-    config = GPT2Config(
+    common = dict(
         vocab_size=layout.vocab_size,
-        n_positions=info.seq_len + 1,  # the condition token, then h*w codes
-        n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
-        resid_pdrop=p["dropout"], embd_pdrop=p["dropout"], attn_pdrop=p["dropout"],
         # Special ids inside the vocabulary: sequences start with a condition and never end early.
         bos_token_id=layout.null_token, eos_token_id=layout.null_token, pad_token_id=layout.null_token,
         vqgpt={**asdict(info), "grid": list(info.grid), "image_size": list(info.image_size) if info.image_size else None},
     )  # fmt: skip
-    return GPT2LMHeadModel(config)
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_positions=info.seq_len + 1,  # the condition token, then h*w codes
+            n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
+            resid_pdrop=p["dropout"], embd_pdrop=p["dropout"], attn_pdrop=p["dropout"], **common,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(
+        max_position_embeddings=info.seq_len + 1,
+        hidden_size=p["n_embd"], intermediate_size=_swiglu_width(p["n_embd"]),
+        num_hidden_layers=p["n_layer"], num_attention_heads=p["n_head"], num_key_value_heads=p["n_head"],
+        attention_dropout=p["dropout"], rms_norm_eps=1e-5, tie_word_embeddings=False, **common,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
 
 
-def load_prior(path: str, **kwargs) -> tuple[GPT2LMHeadModel, PriorInfo]:
-    """A saved prior folder or Hub id -> (model in eval mode, its PriorInfo)."""
+def architecture(config: PretrainedConfig) -> str:
+    return "llama" if config.model_type == "llama" else "gpt2"
+
+
+def load_prior(path: str, **kwargs):
+    """A saved prior folder or Hub id (GPT-2 or Llama) -> (model in eval mode, its PriorInfo)."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json; expected a prior folder written by train.prior")
-    model = GPT2LMHeadModel.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.eval(), PriorInfo.from_config(model.config)
 
 

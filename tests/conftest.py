@@ -55,7 +55,7 @@ def last_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="session")
 def fashion():
     """The builtin Fashion-MNIST splits (Debian's IDX files; `make test` installs them)."""
-    from train.data import DataArguments, load_image_data
+    from common.data import DataArguments, load_image_data
 
     return load_image_data(DataArguments(dataset="fashion_mnist"))
 
@@ -63,7 +63,7 @@ def fashion():
 @pytest.fixture(scope="session")
 def fashion_batch(fashion):
     """64 real Fashion-MNIST test images as (64, 1, 28, 28) in [-1, 1], and their labels."""
-    from train.data import ImageTransform, image_loader
+    from common.data import ImageTransform, image_loader
 
     batch = next(iter(image_loader(fashion.test.select(range(64)), ImageTransform(channels=1), 64, shuffle=False)))
     return batch["pixel_values"], batch["labels"]
@@ -79,13 +79,20 @@ PRIOR_ARGS = ["--preset", "tiny", "--train-batch-size", "64", "--max-train-steps
               "--samples-per-class", "2"]  # fmt: skip
 
 
+CLASSIFIER_ARGS = ["--width", "8", "--max-train-samples", "4096", "--max-eval-samples", "500", "--train-batch-size", "64",
+                   "--max-train-steps", "120", "--learning-rate", "3e-3", "--lr-warmup-steps", "10", "--eval-steps", "120",
+                   "--checkpointing-steps", "60"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
-    """A tiny tokenizer, its codes and a tiny prior, made by the real command lines on Fashion-MNIST."""
+    """A tiny tokenizer, its codes, a tiny prior and a reference classifier, made by the real command
+    lines on Fashion-MNIST."""
     root = tmp_path_factory.mktemp("chain")
-    tok, codes, prior = root / "tok", root / "codes", root / "prior"
+    tok, codes, prior, clf = root / "tok", root / "codes", root / "prior", root / "classifier"
     accelerate_launch("train.tokenizer", *TOK_ARGS, "--output-dir", str(tok))
     python_m("train.encode", "--tokenizer", str(tok), "--max-train-samples", "4096", "--max-eval-samples", "512",
              "--batch-size", "500", "--output-dir", str(codes))  # fmt: skip
     accelerate_launch("train.prior", "--codes", str(codes), *PRIOR_ARGS, "--output-dir", str(prior))
-    return {"root": root, "tokenizer": tok, "codes": codes, "prior": prior}
+    accelerate_launch("train.classifier", *CLASSIFIER_ARGS, "--output-dir", str(clf))
+    return {"root": root, "tokenizer": tok, "codes": codes, "prior": prior, "classifier": clf}

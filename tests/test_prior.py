@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import PRIOR_ARGS, accelerate_launch, last_error_line, python_m
-from prior import PriorInfo, TokenLayout, build_prior, load_prior, prior_loss
+from common.data import FASHION_MNIST_CLASSES
+from prior import PriorInfo, TokenLayout, build_prior, generate_codes, load_prior, prior_loss
 from sample import ClassConditionalPipeline
 from train.encode import load_codes
 from tokenizer import VQVAE, get_config
@@ -66,14 +67,15 @@ def test_p_uncond_one_makes_every_condition_null():
     assert dropped.item() == pytest.approx(prior_loss(model, codes, torch.full((32,), -1), LAYOUT).item(), rel=1e-6)
 
 
-def test_two_processes_end_with_identical_weights(chain, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_two_processes_end_with_identical_weights(chain, tmp_path, arch):
     ranks = tmp_path / "ranks"
     ranks.mkdir()
-    accelerate_launch("tests/scripts/prior_ranks.py", "--codes", str(chain["codes"]), "--preset", "tiny",
+    accelerate_launch("tests/scripts/prior_ranks.py", "--codes", str(chain["codes"]), "--preset", "tiny", "--arch", arch,
                       "--train-batch-size", "32", "--max-train-steps", "6", "--eval-steps", "6",
                       "--max-eval-samples", "64", "--output-dir", str(tmp_path / "run"), num_processes=2, RANKS_DIR=ranks)  # fmt: skip
     r0, r1 = torch.load(ranks / "rank0.pt"), torch.load(ranks / "rank1.pt")
-    init = build_prior("tiny", INFO).state_dict()
+    init = build_prior("tiny", INFO, arch=arch).state_dict()
     assert any(not torch.equal(r0[k], init[k]) for k in r0 if k in init), "weights moved"
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
@@ -134,3 +136,40 @@ def test_dataset_and_tokenizer_instead_of_codes_encodes_once(chain, tmp_path):
     python_m("train.prior", *args, "--max-train-steps", "4")
     assert os.path.getmtime(out / "codes" / "vqgpt_codes.json") == stamp, "cached codes are reused"
     assert load_prior(str(out))[1].tokenizer == str(chain["tokenizer"].resolve())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_codes_match_transformers_generate_token_for_token(arch):
+    """Our KV-cache loop against transformers' own generate, restricted to code ids."""
+    torch.manual_seed(0)
+    model = build_prior("tiny", INFO, arch=arch).eval()
+    labels = torch.tensor([0, 3, 9, -1])
+    ours = generate_codes(model, LAYOUT, 49, labels, top_k=1)
+    cond = LAYOUT.condition_tokens(labels)[:, None]
+    theirs = model.generate(cond, attention_mask=torch.ones_like(cond), max_new_tokens=49, min_new_tokens=49,
+                            do_sample=False, suppress_tokens=list(range(64, LAYOUT.vocab_size)))  # fmt: skip
+    assert torch.equal(ours, theirs[:, 1:])
+
+
+def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
+    args = ["--codes", str(chain["codes"]), "--arch", "llama", "--preset", "tiny", "--train-batch-size", "64",
+            "--max-eval-samples", "100", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3",
+            "--checkpointing-steps", "10", "--eval-steps", "100", "--dropout", "0.1",
+            "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5"]  # fmt: skip
+    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "full"))
+    python_m("train.prior", *args, "--max-train-steps", "10", "--output-dir", str(tmp_path / "split"))
+    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "split"),
+             "--resume-from-checkpoint", "latest")  # fmt: skip
+    full, split = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert full.keys() == split.keys() and any("mlp.gate_proj" in k for k in full)  # SwiGLU
+    for k in full:
+        assert torch.allclose(full[k], split[k], atol=1e-6), k
+    model, info = load_prior(str(tmp_path / "full"))
+    assert model.config.model_type == "llama" and info.class_names == FASHION_MNIST_CLASSES
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert {"fd", "fd_floor", "precision", "recall", "class_accuracy"} <= set(metrics) and metrics["fd"] > 0
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "llama" in card and "| fd |" in card and "| class_accuracy |" in card
+    pipe = ClassConditionalPipeline.from_pretrained(str(tmp_path / "full"))
+    images = pipe(["Bag", 0], guidance_scale=2.0, seed=0)
+    assert images.shape == (2, 1, 28, 28) and torch.equal(images, pipe([8, "T-shirt/top"], guidance_scale=2.0, seed=0))

@@ -1,4 +1,4 @@
-"""Stage two: train the GPT-2 prior on code sequences.
+"""Stage two: train the prior (GPT-2 or Llama) on code sequences.
 
     accelerate launch -m train.prior --codes runs/codes --preset fashion-mnist --output-dir runs/prior
     accelerate launch -m train.prior --tokenizer runs/tok --dataset fashion_mnist --output-dir runs/prior
@@ -8,34 +8,55 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from common.cli import UsageError, option, parse_args, run_main
+from common.data import DataArguments
+from common.images import image_grid
+from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import PriorInfo, bits, build_prior, generate_codes, prior_loss
+from prior.model import ARCHITECTURES, PRESETS, architecture
+from sample.pipeline import SamplingArguments
 from tokenizer import VQVAE
-from tokenizer.images import image_grid
-from train.data import DataArguments
 from train.encode import encode_dataset, load_codes
-from train.loop import TrainingArguments, make_accelerator, parse_args, run_main, train
+from train.loop import TrainingArguments, make_accelerator, train
+
+
+_SAMPLING = SamplingArguments()  # the pipeline's defaults: evaluation samples as users will
 
 
 @dataclass
 class PriorArguments:
-    codes: str | None = field(default=None, metadata={"help": "Folder written by train.encode."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Without --codes: encode --dataset with this tokenizer first (cached in OUTPUT_DIR/codes)."})  # fmt: skip
-    preset: str = field(default="fashion-mnist", metadata={"help": "tiny | fashion-mnist | small | medium"})
-    p_uncond: float = field(default=0.1, metadata={"help": "Probability of replacing the class by the null class."})
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    dropout: float | None = None
-    sample_guidance_scale: float = field(default=2.0, metadata={"help": "Guidance of the sample grids written at evaluation."})  # fmt: skip
-    samples_per_class: int = field(default=4, metadata={"help": "Samples per class in the evaluation grid."})
-    encode_batch_size: int = 1024
-    tokenizer_hub_id: str | None = field(default=None, metadata={"help": "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name."})  # fmt: skip
+    codes: str | None = option(None, "Folder written by train.encode.")
+    tokenizer: str | None = option(None, "Without --codes: encode --dataset with this tokenizer first (cached in OUTPUT_DIR/codes).")  # fmt: skip
+    preset: str = option("fashion-mnist", "Model size.", choices=list(PRESETS))
+    arch: str = option("gpt2", "gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM: RoPE, SwiGLU, RMSNorm).", choices=list(ARCHITECTURES))  # fmt: skip
+    p_uncond: float = option(0.1, "Probability of replacing the class by the null class (trains guidance).", domain="probability")  # fmt: skip
+    n_layer: int | None = option(None, domain="positive")
+    n_embd: int | None = option(None, domain="positive")
+    n_head: int | None = option(None, domain="positive")
+    dropout: float | None = option(None, domain="probability")
+    classifier: str | None = option(None, "Reference classifier: evaluation then samples and reports FD, precision, recall and class accuracy.")  # fmt: skip
+    eval_samples_per_class: int = option(20, "With --classifier: samples per class scored at each evaluation.", domain="positive")  # fmt: skip
+    sample_guidance_scale: float = option(_SAMPLING.guidance_scale, "Guidance of the samples made at evaluation.", domain="non-negative")  # fmt: skip
+    sample_temperature: float = option(_SAMPLING.temperature, domain="non-negative")
+    sample_top_k: int = option(_SAMPLING.top_k, domain="non-negative")
+    sample_top_p: float = option(_SAMPLING.top_p, domain="top-p")
+    samples_per_class: int = option(4, "Samples per class in the evaluation grid.", domain="positive")
+    encode_batch_size: int = option(1024, domain="positive")
+    tokenizer_hub_id: str | None = option(None, "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name.")  # fmt: skip
+
+    def validate(self) -> None:
+        if self.codes is None and self.tokenizer is None:
+            raise UsageError("pass --codes (a train.encode folder) or --tokenizer with --dataset to encode first")
+
+    def sampling(self, seed: int = 0) -> dict:
+        return dict(guidance_scale=self.sample_guidance_scale, temperature=self.sample_temperature,
+                    top_k=self.sample_top_k or None, top_p=self.sample_top_p if self.sample_top_p < 1 else None)  # fmt: skip
 
 
 def _collate(examples):
@@ -48,12 +69,25 @@ def _collate(examples):
 class PriorStage:
     name = "prior"
 
-    def __init__(self, info: PriorInfo, args: PriorArguments, tokenizer: VQVAE | None, dataset: str):
-        self.info, self.args, self.tokenizer, self.dataset = info, args, tokenizer, dataset
+    def __init__(self, info: PriorInfo, args: PriorArguments, tokenizer: VQVAE | None, dataset: str,
+                 evaluator: Evaluator | None = None):  # fmt: skip
+        self.info, self.args, self.tokenizer, self.dataset, self.evaluator = info, args, tokenizer, dataset, evaluator
+        self.last_report = None
 
-    def training_loss(self, model, batch):
+    def training_loss(self, model, batch, step):
         loss = prior_loss(model, batch["codes"], batch["labels"], self.info.layout, self.args.p_uncond)
         return loss, {"bits_per_token": bits(loss.detach())}
+
+    def _samples(self, model, accelerator, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` images of every class (or unconditional ones), the same on every rank."""
+        classes = range(self.info.num_classes) if self.info.num_classes else [-1]
+        labels = torch.tensor([c for c in classes for _ in range(per_class)])
+        g = torch.Generator(device=accelerator.device).manual_seed(0)
+        images = []
+        for chunk in labels.split(256):
+            codes = generate_codes(model, self.info.layout, self.info.seq_len, chunk, generator=g, **self.args.sampling())
+            images.append(self.tokenizer.to(accelerator.device).decode(codes.view(-1, *self.info.grid)).float().cpu())
+        return torch.cat(images), labels
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -62,35 +96,44 @@ class PriorStage:
             nll = prior_loss(model, batch["codes"], batch["labels"], self.info.layout, p_uncond=0.0, reduction="none")
             per_seq.append(accelerator.gather_for_metrics(nll).cpu())
         nats = float(torch.cat(per_seq).mean())
-        return {"bits_per_token": bits(nats), "bits_per_image": bits(nats) * self.info.seq_len}
+        metrics = {"bits_per_token": bits(nats), "bits_per_image": bits(nats) * self.info.seq_len}
+        if self.evaluator is not None and self.tokenizer is not None:
+            images, labels = self._samples(model, accelerator, self.args.eval_samples_per_class)
+            report = self.evaluator.score(images, labels)
+            self.last_report = report
+            metrics.update({"fd": report.fd, "fd_floor": report.fd_floor, "fd_ratio": report.fd_ratio,
+                            "precision": report.precision, "recall": report.recall})  # fmt: skip
+            if report.accuracy is not None:
+                metrics["class_accuracy"] = report.accuracy
+        return metrics
 
     @torch.no_grad()
     def image(self, model, accelerator):
         if self.tokenizer is None:
             return None
-        n = self.args.samples_per_class
-        classes = range(self.info.num_classes) if self.info.num_classes else [-1]
-        labels = torch.tensor([c for c in classes for _ in range(n)])
-        g = torch.Generator(device=accelerator.device).manual_seed(0)
-        codes = generate_codes(model, self.info.layout, self.info.seq_len, labels,
-                               guidance_scale=self.args.sample_guidance_scale, generator=g)  # fmt: skip
-        images = self.tokenizer.to(accelerator.device).decode(codes.view(-1, *self.info.grid))
-        return image_grid(images.cpu(), nrow=n)  # one row per class
+        images, _ = self._samples(model, accelerator, self.args.samples_per_class)
+        return image_grid(images, nrow=self.args.samples_per_class)  # one row per class
 
     def model_card(self, model):
         cfg = model.config
+        arch = architecture(cfg)
+        sampling = ", ".join(f"{k} {v}" for k, v in self.args.sampling().items())
         return dict(
-            title=f"vqgpt prior ({self.args.preset})",
-            summary=(f"A GPT-2 prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
+            title=f"vqgpt prior ({self.args.preset}, {arch})",
+            summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
                      f"`{self.info.tokenizer}` (K={self.info.num_codes}), conditioned on {self.info.num_classes} classes "
-                     "with classifier-free guidance."),  # fmt: skip
+                     "with classifier-free guidance."
+                     + (f" Sample metrics: {self.args.eval_samples_per_class} samples per class ({sampling}), "
+                        f"{self.evaluator.space.name} features, against {self.evaluator.reference_name}; "
+                        "`fd_floor` is the Fréchet distance of as many real training images." if self.evaluator else "")),  # fmt: skip
             dataset=self.dataset,
-            details={"dataset": self.dataset, "preset": self.args.preset, "tokenizer": self.info.tokenizer,
-                     "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "p_uncond": self.args.p_uncond,
+            details={"dataset": self.dataset, "preset": self.args.preset, "architecture": arch, "tokenizer": self.info.tokenizer,
+                     "layers": cfg.num_hidden_layers, "width": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                     "parameters": sum(p.numel() for p in model.parameters()), "p_uncond": self.args.p_uncond,
                      "uniform baseline (bits/token)": f"{math.log2(self.info.num_codes):.4g}"},  # fmt: skip
-            tags=["gpt2", "image-generation", "class-conditional"],
+            tags=[arch, "image-generation", "class-conditional"],
             usage='from sample import ClassConditionalPipeline\npipe = ClassConditionalPipeline.from_pretrained("PATH_OR_REPO_ID")\n'
-                  f'images = pipe(["{self.info.class_names[0] if self.info.class_names else 0}"] * 8, guidance_scale=2.0)',
+                  f'images = pipe(["{self.info.class_names[0] if self.info.class_names else 0}"] * 8)',
         )  # fmt: skip
 
 
@@ -101,8 +144,6 @@ def main(argv=None):
     accelerator = make_accelerator(args)
     codes_dir = prior_args.codes
     if codes_dir is None:
-        if not prior_args.tokenizer:
-            raise ValueError("pass --codes (a train.encode folder) or --tokenizer with --dataset to encode first")
         codes_dir = os.path.join(args.output_dir, "codes")
         if not os.path.exists(os.path.join(codes_dir, "vqgpt_codes.json")):
             encode_dataset(prior_args.tokenizer, data_args, codes_dir, prior_args.encode_batch_size, accelerator)
@@ -115,8 +156,16 @@ def main(argv=None):
         accelerator.print(f"warning: tokenizer {meta['tokenizer']} not loadable ({type(e).__name__}); no sample grids")
     if tokenizer is not None:
         info.check_tokenizer(tokenizer)
+    evaluator = None
+    if prior_args.classifier:
+        if tokenizer is None:
+            raise UsageError("--classifier scores samples, which needs the tokenizer the codes name; it could not be loaded")
+        classifier = Classifier.from_pretrained(prior_args.classifier).to(accelerator.device).eval()
+        reference = DataArguments(dataset=meta.get("dataset") or classifier.config.dataset, max_eval_samples=data_args.max_eval_samples)  # fmt: skip
+        with accelerator.main_process_first():
+            evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), reference, classifier=classifier)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_prior(prior_args.preset, info, n_layer=prior_args.n_layer, n_embd=prior_args.n_embd,
+    model = build_prior(prior_args.preset, info, arch=prior_args.arch, n_layer=prior_args.n_layer, n_embd=prior_args.n_embd,
                         n_head=prior_args.n_head, dropout=prior_args.dropout)  # fmt: skip
     train_ds, test_ds = codes["train"], codes["test"]
     if data_args.max_train_samples:
@@ -126,11 +175,11 @@ def main(argv=None):
     train_loader = torch.utils.data.DataLoader(train_ds.with_format("numpy"), batch_size=args.train_batch_size,
                                                shuffle=True, drop_last=True, collate_fn=_collate)  # fmt: skip
     eval_loader = torch.utils.data.DataLoader(test_ds.with_format("numpy"), batch_size=args.eval_batch_size, collate_fn=_collate)  # fmt: skip
-    stage = PriorStage(info, prior_args, tokenizer, meta.get("dataset", ""))
+    stage = PriorStage(info, prior_args, tokenizer, meta.get("dataset", ""), evaluator)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(prior_args), "codes": codes_dir})  # fmt: skip
     accelerator.print(f"prior saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return model, metrics
+    return model, metrics, stage
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Recipes chosen by measurement: tokenizer losses and codebooks (docs/tokenizer.md) and the stage-two
+recipe, prior and sampling settings (docs/recipe.md).
+
+Every row trains (or reuses) its models through the stage entry points, then scores, with the reference
+classifier against the Fashion-MNIST test split: the tokenizer's reconstructions of 80 test images per
+class, and 80 samples per class at each sampling setting (Fréchet distance, precision, recall, class
+accuracy, each beside its real-data floor). Rows go to OUT/rows.jsonl as they finish.
+
+    python -m bench.recipe --classifier runs/classifier --tokenizers all --priors all      # the sweep
+    python -m bench.recipe --classifier runs/classifier --prior runs/demo/prior --sampling grid
+    python -m bench.recipe --classifier runs/classifier --tokenizers mse --priors demo --smoke   # checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import time
+
+import torch
+
+from bench.common import machine
+from common.data import DataArguments, ImageTransform, column, image_loader
+from evaluation import Classifier, ClassifierSpace, Evaluator
+from sample import ClassConditionalPipeline
+from tokenizer import VQVAE
+
+# name -> options of train.tokenizer beyond the common ones (fashion-mnist preset, batch 128, lr 1e-3 cosine).
+TOKENIZERS = {
+    "mse": [],
+    "mse-2000": ["--max-train-steps", "2000"],
+    "adv": ["--disc-weight", "0.1", "--disc-start", "300"],
+    "adv-adaptive": ["--disc-weight", "0.5", "--disc-start", "300", "--adaptive-disc-weight"],
+    "l1-adv-adaptive": ["--pixel-loss", "l1", "--disc-weight", "0.5", "--disc-start", "300", "--adaptive-disc-weight"],
+    "lowdim-l2": ["--codebook-dim", "8", "--l2-codes"],
+    "rotation": ["--rotation-trick"],
+    "k1024": ["--num-codes", "1024"],
+    "k256": ["--num-codes", "256"],
+}
+# name -> (tokenizer row, options of train.prior beyond the common ones: fashion-mnist preset, batch 128).
+PRIORS = {
+    "demo": ("mse", ["--max-train-steps", "800"]),
+    "steps1600": ("mse", ["--max-train-steps", "1600"]),
+    "steps3200": ("mse", ["--max-train-steps", "3200"]),
+    "lr1e-3": ("mse", ["--max-train-steps", "1600", "--learning-rate", "1e-3"]),
+    "lr3e-4": ("mse", ["--max-train-steps", "1600", "--learning-rate", "3e-4"]),
+    "batch256": ("mse", ["--max-train-steps", "800", "--train-batch-size", "256"]),
+    "puncond0.2": ("mse", ["--max-train-steps", "1600", "--p-uncond", "0.2"]),
+    "llama": ("mse", ["--max-train-steps", "1600", "--arch", "llama"]),
+    "wide": ("mse", ["--max-train-steps", "1600", "--n-embd", "256", "--n-head", "8"]),
+    "small-fast": ("mse", ["--max-train-steps", "1600", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
+    "dropout0.1": ("mse", ["--max-train-steps", "3200", "--dropout", "0.1"]),
+    "k256": ("k256", ["--max-train-steps", "1600"]),
+    "k1024": ("k1024", ["--max-train-steps", "1600"]),
+}
+SAMPLING = {  # name -> pipeline settings scored for every prior
+    "default": [dict(guidance_scale=2.0)],
+    "guidance": [dict(guidance_scale=g) for g in (1.0, 1.5, 2.0, 3.0)],
+    "grid": [dict(guidance_scale=g, temperature=t, top_k=k, top_p=p)
+             for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (None, 100), (None, 0.95))],  # fmt: skip
+}
+SMOKE_LIMITS = ["--max-train-samples", "512", "--max-eval-samples", "128"]
+SMOKE = ["--preset", "tiny", "--max-train-steps", "6", *SMOKE_LIMITS]
+
+
+def _run_stage(module, argv: list[str]) -> float:
+    """A stage's ``main`` in this process (no start-up per row); returns minutes."""
+    t = time.perf_counter()
+    module.main(argv)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return (time.perf_counter() - t) / 60
+
+
+def train_tokenizer(out: str, name: str, extra: list[str]) -> tuple[str, float | None]:
+    from train import encode, tokenizer
+
+    tok, codes = os.path.join(out, f"tok-{name}"), os.path.join(out, f"codes-{name}")
+    minutes = None
+    if not os.path.exists(os.path.join(tok, "metrics.json")):
+        minutes = _run_stage(tokenizer, ["--preset", "fashion-mnist", "--max-train-steps", "1000", "--train-batch-size", "128",
+                                         "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--eval-steps", "100000",
+                                         "--checkpointing-steps", "100000", "--logging-steps", "100", *TOKENIZERS[name],
+                                         *extra, "--output-dir", tok])  # fmt: skip
+    if not os.path.exists(os.path.join(codes, "vqgpt_codes.json")):
+        encode.main(["--tokenizer", tok, "--output-dir", codes, *(SMOKE_LIMITS if extra else [])])
+    return tok, minutes
+
+
+def train_prior(out: str, name: str, extra: list[str]) -> tuple[str, float | None]:
+    from train import prior
+
+    tok_name, options = PRIORS[name]
+    _, _ = train_tokenizer(out, tok_name, extra)
+    path = os.path.join(out, f"prior-{name}")
+    minutes = None
+    if not os.path.exists(os.path.join(path, "metrics.json")):
+        minutes = _run_stage(prior, ["--codes", os.path.join(out, f"codes-{tok_name}"), "--preset", "fashion-mnist",
+                                     "--train-batch-size", "128", "--lr-warmup-steps", "100", "--eval-steps", "100000",
+                                     "--checkpointing-steps", "100000", "--logging-steps", "100", *options, *extra,
+                                     "--output-dir", path])  # fmt: skip
+    return path, minutes
+
+
+def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` test images of every class: the real counterpart of a sample set."""
+    labels = torch.as_tensor(column(evaluator.data.test, "label"))
+    pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)])
+    batch = next(iter(image_loader(evaluator.data.test.select(pick.tolist()), ImageTransform(1), len(pick), shuffle=False)))
+    return batch["pixel_values"], batch["labels"]
+
+
+def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int):
+    """Reconstructions of as many test images per class as there are samples: what a prior on this
+    tokenizer can at best reach (the issue's bound: samples never worse than 1.5x it)."""
+    tok = VQVAE.from_pretrained(tokenizer_dir).to(device).eval()
+    x, y = balanced_test_images(evaluator, per_class)
+    return evaluator.score(tok.decode(tok.encode(x.to(device))).cpu(), y)
+
+
+def _log(log, record: dict) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--out", default="runs/recipe")
+    p.add_argument("--tokenizers", default="", help=f"'all' or a comma list of {list(TOKENIZERS)}")
+    p.add_argument("--priors", default="", help=f"'all' or a comma list of {list(PRIORS)}")
+    p.add_argument("--prior", default=None, help="score this trained prior (with --sampling) instead")
+    p.add_argument("--sampling", default="guidance", choices=list(SAMPLING))
+    p.add_argument("--per-class", type=int, default=80)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny presets and 6 steps: checks the script only")
+    p.add_argument("--rows-file", default=None, help="where rows are appended (default OUT/rows.jsonl)")
+    args = p.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    extra = SMOKE if args.smoke else []
+    os.makedirs(args.out, exist_ok=True)
+    classifier = Classifier.from_pretrained(args.classifier).to(args.device).eval()
+    evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset="fashion_mnist"), classifier=classifier)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n]  # noqa: E731
+    with open(args.rows_file or os.path.join(args.out, "rows.jsonl"), "a") as log:
+        for name in pick(args.tokenizers, TOKENIZERS):
+            tok, minutes = train_tokenizer(args.out, name, extra)
+            r = recon_report(tok, evaluator, args.device, args.per_class)
+            metrics = json.load(open(os.path.join(tok, "metrics.json")))
+            print(f"tokenizer {name}: recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), PSNR {metrics['psnr']:.2f}, "
+                  f"usage {metrics['codebook_usage']:.3f}, {minutes or 0:.1f} min", flush=True)  # fmt: skip
+            _log(log, {"kind": "tokenizer", "row": name, "options": TOKENIZERS[name], "minutes": minutes,
+                       "device": machine(), **{k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity")}, **r.to_dict()})  # fmt: skip
+        priors = [("given", args.prior, None)] if args.prior else [(n, *train_prior(args.out, n, extra)) for n in pick(args.priors, PRIORS)]  # fmt: skip
+        for name, path, minutes in priors:
+            pipe = ClassConditionalPipeline.from_pretrained(path, device=args.device)
+            metrics = json.load(open(os.path.join(path, "metrics.json")))
+            for setting in SAMPLING[args.sampling]:
+                images = pipe(labels.tolist(), seed=0, batch_size=1000, **setting).cpu()
+                r = evaluator.score(images, labels)
+                print(f"prior {name} {setting}: FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), precision {r.precision:.3f}, "
+                      f"recall {r.recall:.3f}, accuracy {r.accuracy:.3f}", flush=True)  # fmt: skip
+                _log(log, {"kind": "samples", "row": name, "options": PRIORS.get(name, ("", []))[1], "minutes": minutes,
+                           "device": machine(), "bits_per_token": metrics["bits_per_token"], **setting, **r.to_dict()})  # fmt: skip
+            del pipe
+
+
+if __name__ == "__main__":
+    main()
