@@ -2,17 +2,20 @@
 
 import sys
 
+import pytest
 import torch
 
 from conftest import accelerate_launch, run
 
 
-def test_two_processes_match_one_process_codebook(tmp_path):
+@pytest.mark.parametrize("codes", ["plain", "low-dim"])
+def test_two_processes_match_one_process_codebook(tmp_path, codes):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    run([sys.executable, "tests/scripts/quantizer_steps.py", str(one)])
-    accelerate_launch("tests/scripts/quantizer_steps.py", str(two), num_processes=2)
+    option = ["low-dim"] if codes == "low-dim" else []
+    run([sys.executable, "tests/scripts/quantizer_steps.py", str(one), *option])
+    accelerate_launch("tests/scripts/quantizer_steps.py", str(two), *option, num_processes=2)
     ref = torch.load(one / "rank0.pt")
     r0, r1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     assert ref["restarted"] > 0, "the run must exercise dead-code restarts"

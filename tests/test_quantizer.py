@@ -103,3 +103,52 @@ def test_straight_through_gradient_and_commitment_loss():
     assert torch.allclose(z.grad, torch.ones_like(z))  # identity gradient through the quantizer
     codes = out.quantized.detach()
     assert torch.allclose(out.loss, 0.25 * ((z.detach() - codes) ** 2).mean(), atol=1e-6)
+
+
+def test_l2_codes_pick_the_largest_cosine_through_the_projection():
+    torch.manual_seed(2)
+    q = EMAQuantizer(128, 32, codebook_dim=8, l2_codes=True, kmeans_iters=2).train()
+    z = torch.randn(4, 32, 6, 6) * 3
+    out = q(z)  # initialises and updates: the codebook must stay on the unit sphere
+    assert torch.allclose(q.codebook.norm(dim=1), torch.ones(128), atol=1e-5)
+    q.eval()
+    idx = q(z).indices.flatten()
+    rows = torch.nn.functional.normalize(q.project_in(z).permute(0, 2, 3, 1).reshape(-1, 8).double(), dim=1)
+    brute = (rows @ q.codebook.double().T).argmax(1)  # largest cosine, computed independently
+    assert torch.equal(idx, brute)
+    assert out.quantized.shape == z.shape, "projected back to the encoder's width"
+    with torch.no_grad():
+        assert torch.equal(q.lookup(idx.view(4, 6, 6)), q(z).quantized), "decode sees what forward quantized"
+
+
+def test_rotation_trick_forward_is_the_code_and_its_gradient_is_the_rotation():
+    from tokenizer.quantizer import rotate_to
+
+    torch.manual_seed(3)
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(5, 4, dtype=torch.float64)
+    out = rotate_to(z, e)
+    assert torch.allclose(out, e, atol=1e-12)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    (out * g).sum().backward()
+    for i in range(5):  # the paper's matrix, built by hand: s (I - 2 w w^T + 2 e_hat z_hat^T)
+        zi, ei = z[i].detach(), e[i]
+        z_hat, e_hat = zi / zi.norm(), ei / ei.norm()
+        w = (z_hat + e_hat) / (z_hat + e_hat).norm()
+        rot = torch.eye(4, dtype=torch.float64) - 2 * torch.outer(w, w) + 2 * torch.outer(e_hat, z_hat)
+        assert torch.allclose(rot @ z_hat, e_hat, atol=1e-12)
+        expected = (ei.norm() / zi.norm()) * rot.T @ g[i]
+        assert torch.allclose(z.grad[i], expected, atol=1e-10)
+    assert not torch.allclose(z.grad, g), "unlike straight-through, the gradient is not copied"
+
+
+def test_window_usage_counts_codes_used_by_recent_batches():
+    q = _quantizer(8, 2, dead_threshold=0.0, usage_window=2)
+    q.codebook.copy_(torch.tensor([[float(i), 0.0] for i in range(8)]))
+    q.initialized.fill_(True)
+    q.ema_count.fill_(1.0)
+    q.ema_sum.copy_(q.codebook)
+    batch = lambda codes: torch.tensor([[float(c), 0.0] for c in codes]).T.reshape(1, 2, 1, -1)  # noqa: E731
+    assert q(batch([0, 1])).window_usage == 2 / 8
+    assert q(batch([2, 3])).window_usage == 4 / 8
+    assert q(batch([4, 4])).window_usage == 3 / 8, "codes 0 and 1 fell out of the 2-batch window"

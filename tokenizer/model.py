@@ -1,13 +1,14 @@
 """The VQ-VAE image tokenizer: residual conv encoder -> EMA quantizer -> residual conv decoder."""
 
-# No `from __future__ import annotations` here: PyTorchModelHubMixin reads the real VQVAEConfig
+# No `from __future__ import annotations` here: the Hub mixin reads the real VQVAEConfig
 # annotation of __init__ to rebuild the config dataclass from config.json.
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from common.hub import HubMixin
 
 from .quantizer import EMAQuantizer
 
@@ -27,6 +28,9 @@ class VQVAEConfig:
     dead_threshold: float = 1.0  # restart codes whose EMA count falls below one vector per step
     kmeans_iters: int = 10  # Lloyd steps on the first batch; cheap and avoids early dead codes
     seed: int = 0  # seeds initialisation and restart draws
+    codebook_dim: int | None = None  # codes in a smaller space than D, through 1x1 projections (LlamaGen: 8)
+    l2_codes: bool = False  # unit-norm codes and inputs: nearest by cosine (LlamaGen)
+    rotation_trick: bool = False  # gradients to the encoder by rotation (Fifty et al. 2024), not copied
 
     @property
     def downsample_factor(self) -> int:
@@ -116,7 +120,7 @@ class VQVAEOutput:
 
 class VQVAE(
     nn.Module,
-    PyTorchModelHubMixin,
+    HubMixin,
     library_name="vqgpt",
     tags=["vq-vae", "image-tokenizer", "vqgpt"],
     repo_url="https://github.com/vqgpt/vqgpt",
@@ -130,6 +134,7 @@ class VQVAE(
         self.quantizer = EMAQuantizer(
             config.num_codes, config.code_dim, beta=config.beta, decay=config.decay, eps=config.eps,
             dead_threshold=config.dead_threshold, kmeans_iters=config.kmeans_iters, seed=config.seed,
+            codebook_dim=config.codebook_dim, l2_codes=config.l2_codes, rotation_trick=config.rotation_trick,
         )  # fmt: skip
         self.decoder = Decoder(config)
 
@@ -157,7 +162,8 @@ class VQVAE(
         q = self.quantizer(z)
         recon = self.decoder(q.quantized)
         rec_loss = F.mse_loss(recon.float(), x.float())
-        stats = {"perplexity": q.perplexity, "usage": q.usage, "restarted": q.restarted, "counts": q.counts}
+        stats = {"perplexity": q.perplexity, "usage": q.usage, "restarted": q.restarted, "counts": q.counts,
+                 "window_usage": q.window_usage}  # fmt: skip
         return VQVAEOutput(recon, q.indices, rec_loss + q.loss, rec_loss, q.loss, stats)
 
     @torch.inference_mode()
@@ -170,13 +176,3 @@ class VQVAE(
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
         return self.decoder(self.quantizer.lookup(indices.long())).clamp(-1, 1)
-
-    # -- Hub: the mixin's loading, but strict (its default is strict=False) -------------------
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id, strict=True, **kwargs):
-        try:
-            return super()._from_pretrained(model_id=model_id, strict=strict, **kwargs)
-        except RuntimeError as e:  # missing or unexpected weights
-            detail = " ".join(line.strip() for line in str(e).splitlines())
-            raise ValueError(f"weights in {model_id} do not match its config: {detail}") from None

@@ -9,6 +9,7 @@ processes with half a batch each end with the same codebook as one process with 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +57,45 @@ def _gather_rows(flat: torch.Tensor, global_idx: torch.Tensor) -> torch.Tensor:
     return _all_reduce_sum(out)
 
 
+@contextlib.contextmanager
+def full_float32_matmul():
+    """Matmuls in IEEE float32 inside, whatever the training chose (TF32 would flip near-tied argmins)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 # ---------------------------------------------------------------- the quantizer
+
+
+def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): ``q`` in the forward pass, a rotation of ``z`` backward.
+
+    Rows ``z`` (N, d) are mapped onto ``q`` by ``s R z`` with ``R = I - 2 w w^T + 2 q_hat z_hat^T``,
+    ``w = (z_hat + q_hat) / |z_hat + q_hat|`` and ``s = |q| / |z|``, all held constant (stop-gradient).
+    The forward value is exactly ``q``; the gradient reaching ``z`` is ``s R^T g``, which keeps the
+    angle between the gradient and the code vector, where the straight-through estimator copies ``g``.
+    """
+    z_norm, q_norm = z.norm(dim=-1, keepdim=True).clamp(min=1e-12), q.norm(dim=-1, keepdim=True)
+    z_hat, q_hat = (z / z_norm).detach(), (q / q_norm.clamp(min=1e-12)).detach()
+    w = F.normalize(z_hat + q_hat, dim=-1).detach()
+    rotated = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * z_hat).sum(-1, keepdim=True) * q_hat
+    return rotated * (q_norm / z_norm).detach()
 
 
 @dataclass
 class QuantizerOutput:
-    quantized: torch.Tensor  # (B, D, h, w), straight-through when grads are on
+    quantized: torch.Tensor  # (B, D, h, w), straight-through (or rotated) when grads are on
     indices: torch.Tensor  # (B, h, w) long
-    loss: torch.Tensor  # beta * |z - sg(e)|^2
+    loss: torch.Tensor  # beta * |z - sg(e)|^2, in the code space
     counts: torch.Tensor  # (K,) vectors per code in this (global, when training) batch
     perplexity: torch.Tensor  # exp(entropy of the code histogram)
     usage: torch.Tensor  # fraction of codes used by this batch
     restarted: int  # codes restarted by this step
+    window_usage: torch.Tensor | None = None  # fraction used by the last `usage_window` training batches
 
 
 class EMAQuantizer(nn.Module):
@@ -82,6 +110,11 @@ class EMAQuantizer(nn.Module):
         dead_threshold: a code whose EMA count (vectors per step) falls below this is restarted.
         kmeans_iters: Lloyd iterations on the first batch for initialisation; 0 = random vectors.
         seed: seeds the draws of initialisation and restarts (identical on every rank).
+        codebook_dim: codes of this (small) dimension, reached from D and back by 1x1 projections
+            (LlamaGen uses 8); ``None`` quantizes the encoder output itself.
+        l2_codes: unit-norm codes and inputs: the nearest code is the one of largest cosine.
+        rotation_trick: the rotation trick instead of the straight-through estimator.
+        usage_window: training batches over which ``window_usage`` counts the codes in use.
     """
 
     def __init__(
@@ -94,29 +127,40 @@ class EMAQuantizer(nn.Module):
         dead_threshold: float = 1.0,
         kmeans_iters: int = 0,
         seed: int = 0,
+        codebook_dim: int | None = None,
+        l2_codes: bool = False,
+        rotation_trick: bool = False,
+        usage_window: int = 100,
     ):
         super().__init__()
-        self.num_codes, self.dim = num_codes, dim
+        self.num_codes, self.input_dim = num_codes, dim
+        self.dim = codebook_dim or dim  # the dimension the codebook lives in
         self.beta, self.decay, self.eps = beta, decay, eps
         self.dead_threshold, self.kmeans_iters, self.seed = dead_threshold, kmeans_iters, seed
-        self.register_buffer("codebook", torch.randn(num_codes, dim))
+        self.l2_codes, self.rotation_trick, self.usage_window = l2_codes, rotation_trick, usage_window
+        projected = codebook_dim is not None and codebook_dim != dim
+        self.project_in = nn.Conv2d(dim, self.dim, 1) if projected else nn.Identity()  # (B, D, h, w) -> (B, d, h, w)
+        self.project_out = nn.Conv2d(self.dim, dim, 1) if projected else nn.Identity()
+        self.register_buffer("codebook", torch.randn(num_codes, self.dim))
         self.register_buffer("ema_count", torch.zeros(num_codes))
-        self.register_buffer("ema_sum", torch.zeros(num_codes, dim))
+        self.register_buffer("ema_sum", torch.zeros(num_codes, self.dim))
         self.register_buffer("initialized", torch.tensor(False))
         # Number of training updates so far; seeds the restart draws so a resumed run draws the same.
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        # The last training update that used each code (-1: never); telemetry, not saved with the model.
+        self.register_buffer("last_used", torch.full((num_codes,), -1, dtype=torch.long), persistent=False)
 
     # -- assignment -------------------------------------------------------------------------
 
     def nearest(self, flat: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Index of the nearest code for each row of ``flat`` (N, D), in float32 even under autocast.
+        """Index of the nearest code for each row of ``flat`` (N, D), in float32 even under autocast or TF32.
 
         ``|z|^2 - 2 z.e + |e|^2`` as one matmul: ``[z, 1] @ [-2e, |e|^2]^T`` (``|z|^2`` is the same for
         every code of a row, so the argmin skips it). Rows go in chunks so each (chunk, K) block of
         distances stays in cache and memory stays O(chunk * K), not O(N * K).
         """
         chunk = chunk or (1024 if flat.device.type == "cpu" else 32768)  # CPU cache vs GPU launch count
-        with torch.autocast(device_type=flat.device.type, enabled=False):
+        with torch.autocast(device_type=flat.device.type, enabled=False), full_float32_matmul():
             e = self.codebook.float()
             codes = torch.cat([-2 * e, (e * e).sum(1, keepdim=True)], dim=1).t()  # (D+1, K)
             rows = torch.cat([flat.float(), flat.new_ones(flat.shape[0], 1, dtype=torch.float32)], dim=1)  # (N, D+1)
@@ -147,6 +191,7 @@ class EMAQuantizer(nn.Module):
             used = counts > 0
             self.codebook[used] = sums[used] / counts[used, None]
             counts, sums = self._counts_and_sums(flat, self.nearest(flat))
+        self._normalise_codebook()
         # Statistics as if this codebook had always been there, so the first EMA step is on scale.
         self.ema_count.copy_(counts)
         self.ema_sum.copy_(self.codebook * counts[:, None])
@@ -161,6 +206,12 @@ class EMAQuantizer(nn.Module):
         n = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        self._normalise_codebook()
+
+    def _normalise_codebook(self) -> None:
+        """With l2 codes, every code is put back on the unit sphere (the EMA mean of unit vectors is not)."""
+        if self.l2_codes:
+            self.codebook.copy_(F.normalize(self.codebook, dim=1))
 
     @torch.no_grad()
     def restart_dead_codes(self, flat: torch.Tensor) -> int:
@@ -181,43 +232,56 @@ class EMAQuantizer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
+    def _to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs (B, D, h, w) -> the vectors that are quantized (B, d, h, w)."""
+        z = self.project_in(z)
+        return F.normalize(z, dim=1) if self.l2_codes else z
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize encoder outputs ``z`` (B, D, h, w); updates the codebook in training mode only."""
-        if z.ndim != 4 or z.shape[1] != self.dim:
-            raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.dim}, h, w)")
+        if z.ndim != 4 or z.shape[1] != self.input_dim:
+            raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.input_dim}, h, w)")
         b, _, h, w = z.shape
-        flat = rearrange(z, "b d h w -> (b h w) d").detach().float()  # (N, D)
+        z = self._to_code_space(z)
+        flat = rearrange(z, "b d h w -> (b h w) d").detach().float()  # (N, d)
         restarted = 0
         if self.training and not bool(self.initialized):
             self.init_from_data(flat)
         idx = self.nearest(flat)
         # Quantize with the codebook the assignment was made with, before this step's update.
-        q = rearrange(F.embedding(idx.view(b, h, w), self.codebook), "b h w d -> b d h w").to(z.dtype).contiguous()
+        q = F.embedding(idx, self.codebook).to(z.dtype)  # (N, d)
+        window_usage = None
         if self.training:
             counts, sums = self._counts_and_sums(flat, idx)
             self.ema_update(counts, sums)
             restarted = self.restart_dead_codes(flat) if self.dead_threshold > 0 else 0
+            self.last_used[counts > 0] = self.steps
+            window_usage = ((self.last_used >= 0) & (self.last_used > self.steps - self.usage_window)).float().mean()
             self.steps += 1
         else:
             counts = torch.bincount(idx, minlength=self.num_codes).float()
         indices = idx.view(b, h, w)
-        loss = self.beta * F.mse_loss(z, q.detach())
+        z_rows = rearrange(z, "b d h w -> (b h w) d")
+        loss = self.beta * F.mse_loss(z_rows, q.detach())
         if torch.is_grad_enabled() and z.requires_grad:
-            q = z + (q - z).detach()  # straight-through: decoder gradients flow into the encoder
+            # Decoder gradients reach the encoder: copied (straight-through) or rotated.
+            q = rotate_to(z_rows, q.detach()) if self.rotation_trick else z_rows + (q - z_rows).detach()
+        q = self.project_out(rearrange(q, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous())
         p = counts / counts.sum().clamp(min=1)
         perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
         usage = (counts > 0).float().mean()
-        return QuantizerOutput(q, indices, loss, counts, perplexity, usage, restarted)
+        return QuantizerOutput(q, indices, loss, counts, perplexity, usage, restarted, window_usage)
 
     def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
         """Indices (B, h, w) of the nearest codes for encoder outputs (B, D, h, w); no updates."""
         b, _, h, w = z.shape
-        return self.nearest(rearrange(z, "b d h w -> (b h w) d")).view(b, h, w)
+        return self.nearest(rearrange(self._to_code_space(z), "b d h w -> (b h w) d")).view(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes (B, D, h, w) for indices (B, h, w)."""
+        """Codes (B, D, h, w) for indices (B, h, w), projected back to the decoder's width."""
         if indices.min() < 0 or indices.max() >= self.num_codes:
             raise ValueError(
                 f"code indices span [{int(indices.min())}, {int(indices.max())}]; expected 0..{self.num_codes - 1}"
             )
-        return rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w").contiguous()  # as in forward
+        codes = rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w").contiguous()  # as in forward
+        return self.project_out(codes)

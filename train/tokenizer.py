@@ -5,48 +5,108 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel as unwrap
 
-from tokenizer import VQVAE, get_config
-from tokenizer.images import image_grid, psnr
-from train.data import DataArguments, image_loader, load_image_data, model_input
-from train.loop import TrainingArguments, make_accelerator, parse_args, run_main, train
+from common.cli import option, parse_args, run_main
+from common.data import DataArguments, image_loader, load_image_data, model_input, training_loader
+from common.images import image_grid, psnr
+from evaluation import Classifier, ClassifierSpace, Evaluator
+from tokenizer import PRESETS, VQVAE, get_config
+from tokenizer.losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, discriminator_loss, generator_loss
+from train.loop import TrainingArguments, make_accelerator, train
 
 
 @dataclass
 class TokenizerArguments:
-    preset: str = field(default="fashion-mnist", metadata={"help": "tiny | fashion-mnist | rgb-32"})
-    num_codes: int | None = field(default=None, metadata={"help": "Override the preset's K."})
-    code_dim: int | None = field(default=None, metadata={"help": "Override the preset's D."})
-    channels: int | None = field(default=None, metadata={"help": "Override the preset's base width."})
-    dead_threshold: float | None = field(default=None, metadata={"help": "Override the dead-code threshold."})
-    num_grid_images: int = field(default=16, metadata={"help": "Test images in the reconstruction grid."})
+    preset: str = option("fashion-mnist", "Model size and codebook.", choices=list(PRESETS))
+    num_codes: int | None = option(None, "Override the preset's K.", domain="positive")
+    code_dim: int | None = option(None, "Override the preset's D.", domain="positive")
+    channels: int | None = option(None, "Override the preset's base width.", domain="positive")
+    dead_threshold: float | None = option(None, "Override the dead-code threshold (0: no restarts).", domain="non-negative")  # fmt: skip
+    num_grid_images: int = option(16, "Test images in the reconstruction grid.", domain="positive")
+    channels_last: bool = option(False, "NHWC memory format for the convolutions (faster on GPUs with bf16).")
+    classifier: str | None = option(None, "Reference classifier: evaluation then reports the reconstructions' Fréchet distance, precision, recall and class accuracy.")  # fmt: skip
+    # Codebook options (in the quantizer; EMA, restarts and the distributed equivalence hold for all).
+    codebook_dim: int | None = option(None, "Quantize in this many dimensions, through 1x1 projections (LlamaGen: 8).", domain="positive")  # fmt: skip
+    l2_codes: bool = option(False, "Unit-norm codes: nearest by cosine (LlamaGen); on top of the preset.")
+    rotation_trick: bool = option(False, "The rotation trick instead of the straight-through estimator; on top of the preset.")
+    # Losses. The adversarial and perceptual terms are off unless given a weight.
+    pixel_loss: str = option("l2", "Reconstruction loss: l2 (MSE, the VQ-VAE's) or l1 (taming's).", choices=["l2", "l1"])
+    perceptual_weight: float = option(0.0, "LPIPS weight (needs the lpips package; downloads VGG weights once).", domain="non-negative")  # fmt: skip
+    disc_weight: float = option(0.0, "Weight of the adversarial loss; 0 trains no discriminator.", domain="non-negative")
+    disc_start: int = option(0, "Step at which the discriminator starts (taming starts it late).", domain="non-negative")
+    disc_loss: str = option("hinge", "hinge or non-saturating.", choices=["hinge", "non-saturating"])
+    adaptive_disc_weight: bool = option(False, "Scale the adversarial term by taming's gradient-norm ratio at the decoder's last layer.")  # fmt: skip
+    disc_lr: float | None = option(None, "Discriminator learning rate; unset: --learning-rate.", domain="positive")
+    disc_channels: int = option(64, domain="positive")
+    disc_layers: int = option(2, "Stride-2 layers of the PatchGAN (taming: 3 at 256 px; 2 suits 28-64 px).", domain="positive")  # fmt: skip
 
 
 class TokenizerStage:
     name = "tokenizer"
 
     def __init__(self, data_args: DataArguments, model_args: TokenizerArguments, grid_images: torch.Tensor,
-                 crop: tuple[int, int] | None = None):  # fmt: skip
-        self.data_args, self.model_args, self.grid_images = data_args, model_args, grid_images
+                 crop: tuple[int, int] | None = None, evaluator: Evaluator | None = None, in_channels: int = 1):  # fmt: skip
+        self.data_args, self.model_args, self.grid_images, self.evaluator = data_args, model_args, grid_images, evaluator
         self.crop = crop  # (H, W) of the original images when they were padded
+        self.memory_format = torch.channels_last if model_args.channels_last else torch.contiguous_format
+        a = model_args
+        self.perceptual = PerceptualLoss() if a.perceptual_weight > 0 else None
+        # The discriminator is the loop's auxiliary network: its own optimizer, checkpointed with the model.
+        self.auxiliary = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers) if a.disc_weight > 0 else None
+        self.auxiliary_lr = a.disc_lr
 
-    def training_loss(self, model, batch):
-        out = model(batch["pixel_values"])
+    def training_loss(self, model, batch, step):
+        a = self.model_args
+        x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
+        out = model(x)
+        recon = out.reconstruction
+        pixel = (F.l1_loss if a.pixel_loss == "l1" else F.mse_loss)(recon.float(), x.float())
+        nll = pixel if self.perceptual is None else pixel + a.perceptual_weight * self.perceptual(recon, x)
+        loss = nll + out.commitment_loss
         s = out.stats
         logs = {"rec_loss": out.reconstruction_loss.detach(), "commit_loss": out.commitment_loss.detach(),
-                "perplexity": s["perplexity"], "usage": s["usage"], "restarted": s["restarted"]}  # fmt: skip
-        return out.loss, logs
+                "perplexity": s["perplexity"], "usage": s["usage"], "window_usage": s["window_usage"],
+                "restarted": s["restarted"]}  # fmt: skip
+        if self.auxiliary is not None:
+            adversarial, disc_loss, weight = self._adversarial(model, x, recon, nll, step)
+            loss = loss + weight * adversarial + disc_loss
+            logs.update(g_loss=adversarial.detach(), d_loss=disc_loss.detach(), adv_weight=weight)
+        return loss, logs
+
+    def _adversarial(self, model, x, recon, nll, step):
+        """(generator term, discriminator loss, weight of the generator term) at ``step``; zeros before the start.
+
+        The generator term goes through the plain discriminator with its weights frozen, so it reaches only
+        the tokenizer; the discriminator's loss sees the reconstructions detached, so it reaches only the
+        discriminator (through its DDP wrapper, which averages its gradients). One backward then trains both.
+        """
+        a = self.model_args
+        zero = recon.new_zeros(())
+        if step < a.disc_start:
+            return zero, zero, zero
+        disc = unwrap(self.auxiliary)
+        disc.requires_grad_(False)
+        adversarial = generator_loss(a.disc_loss, disc(recon).float())
+        disc.requires_grad_(True)
+        weight = recon.new_tensor(a.disc_weight)
+        if a.adaptive_disc_weight:
+            weight = weight * adaptive_weight(nll, adversarial, unwrap(model).decoder.net[-1].weight)
+        real, fake = self.auxiliary(torch.cat([x, recon.detach()])).float().chunk(2)
+        return adversarial, discriminator_loss(a.disc_loss, real, fake), weight
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict[str, float]:
         counts = torch.zeros(model.config.num_codes, device=accelerator.device)
-        psnrs, losses = [], []
+        psnrs, losses, feats, logits, labels = [], [], [], [], []
+        classifier = self.evaluator.accuracy_space.classifier if self.evaluator else None
         for batch in loader:
-            x = batch["pixel_values"]
+            x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
             out = model(x)
             recon = out.reconstruction
             if self.crop:  # measure on the original pixels, not the padding
@@ -55,13 +115,23 @@ class TokenizerStage:
             psnrs.append(p.cpu())
             counts += torch.bincount(idx.flatten(), minlength=counts.numel()).float()
             losses.append(float(out.reconstruction_loss))
+            if classifier is not None:  # features on the device, gathered like the rest
+                f = classifier.features(recon.clamp(-1, 1).float())
+                f, lg, y = accelerator.gather_for_metrics((f, classifier.head(f), batch["labels"]))
+                feats.append(f.float().cpu()), logits.append(lg.float().cpu()), labels.append(y.cpu())
         probs = counts / counts.sum()
-        return {
+        metrics = {
             "psnr": float(torch.cat(psnrs).mean()),
             "codebook_usage": float((counts > 0).float().mean()),
             "perplexity": float(torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum())),
             "rec_loss": sum(losses) / max(len(losses), 1),
         }
+        if feats:
+            report = self.evaluator.score_features(torch.cat(feats), torch.cat(logits), torch.cat(labels))
+            metrics.update({"recon_fd": report.fd, "recon_fd_floor": report.fd_floor, "recon_fd_ratio": report.fd_ratio,
+                            "recon_precision": report.precision, "recon_recall": report.recall,
+                            "recon_accuracy": report.accuracy})  # fmt: skip
+        return metrics
 
     @torch.no_grad()
     def image(self, model, accelerator):
@@ -92,20 +162,26 @@ def main(argv=None):
         data = load_image_data(data_args, seed=args.seed)
     config = get_config(model_args.preset, in_channels=data.channels, num_codes=model_args.num_codes,
                         code_dim=model_args.code_dim, channels=model_args.channels,
-                        dead_threshold=model_args.dead_threshold, seed=args.seed)  # fmt: skip
+                        dead_threshold=model_args.dead_threshold, seed=args.seed, codebook_dim=model_args.codebook_dim,
+                        l2_codes=model_args.l2_codes or None, rotation_trick=model_args.rotation_trick or None)  # fmt: skip
     transform, _, original = model_input(data, data_args, data.channels, config.downsample_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = VQVAE(config)
-    train_loader = image_loader(data.train, transform, args.train_batch_size, shuffle=True,
-                                num_workers=data_args.num_workers, drop_last=True)  # fmt: skip
+    model = VQVAE(config).to(memory_format=torch.channels_last if model_args.channels_last else torch.contiguous_format)
+    train_loader = training_loader(data, transform, args.train_batch_size, data_args, args.seed,
+                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
     eval_loader = image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)  # fmt: skip
     grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
     grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
-    stage = TokenizerStage(data_args, model_args, grid, crop=original if data_args.pad_to_multiple else None)
+    evaluator = None
+    if model_args.classifier:
+        classifier = Classifier.from_pretrained(model_args.classifier).to(accelerator.device).eval()
+        evaluator = Evaluator(ClassifierSpace(classifier), data, classifier, reference_name=f"{data_args.dataset} test split")
+    stage = TokenizerStage(data_args, model_args, grid, crop=original if data_args.pad_to_multiple else None,
+                           evaluator=evaluator, in_channels=data.channels)  # fmt: skip
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(data_args), **asdict(model_args)})  # fmt: skip
     accelerator.print(f"tokenizer saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return model, metrics
+    return model, metrics, stage
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run with one process it quantizes the whole batch; under `accelerate launch --multi_gpu
 --num_processes 2` each rank takes its half. DESIGN.md: both must end with the same codebook.
-Usage: python quantizer_steps.py OUT_DIR
+Usage: python quantizer_steps.py OUT_DIR [low-dim]   (low-dim: 4-dimensional l2-normalised codes behind a projection)
 """
 
 import sys
@@ -16,7 +16,9 @@ state = Accelerator()  # initialises torch.distributed (gloo on CPU) under accel
 out_dir = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 batches = [torch.randn(8, 16, 4, 4, generator=g) + 3 * step for step in range(6)]  # drifting data kills codes
-q = EMAQuantizer(num_codes=64, dim=16, dead_threshold=2.0, kmeans_iters=3, seed=7).train()
+options = {"codebook_dim": 4, "l2_codes": True} if sys.argv[2:] == ["low-dim"] else {}
+torch.manual_seed(0)  # the projection's initial weights, the same on every rank
+q = EMAQuantizer(num_codes=64, dim=16, dead_threshold=2.0, kmeans_iters=3, seed=7, **options).train()
 restarted = 0
 for batch in batches:
     per_rank = batch.shape[0] // state.num_processes
