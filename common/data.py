@@ -291,7 +291,7 @@ def load_image_data(args: DataArguments, seed: int = 0) -> ImageData:
         class_names = []
     if args.only_classes:
         keep = class_ids(args.only_classes, class_names)
-        train, test = (d.filter(lambda ex: ex["label"] in keep) for d in (train, test))
+        train, test = (d.filter(lambda label: label in keep, input_columns="label") for d in (train, test))
         if not isinstance(test, datasets.IterableDataset) and (len(train) == 0 or len(test) == 0):
             raise DataError(f"--only-classes {args.only_classes}: no training or no test images of these classes")
     channels = args.image_channels or (1 if _is_gray(first) else 3)

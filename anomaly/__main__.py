@@ -1,0 +1,133 @@
+"""Anomaly scores of images under a tokenizer and its prior: CSV, JSON and a histogram.
+
+    python -m anomaly --prior runs/prior --input images/ --output-dir scores/
+    python -m anomaly --prior runs/prior-bags --dataset fashion_mnist --split test --normal-classes Bag --output-dir scores/
+
+writes OUTPUT_DIR/scores.csv (one row per image: id, label, nll, reconstruction, combined),
+OUTPUT_DIR/summary.json and OUTPUT_DIR/histogram.png. With --normal-classes (class names or ids of the
+dataset, or <class>/ folders of --input), every other class counts as anomalous and the summary gives
+each score's AUROC and the threshold at --fpr.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common.cli import UsageError, option, parse_args, run_main
+from common.data import DataArguments, ImageTransform, class_ids, image_loader, load_image_data
+from common.files import publish_dir, staging_dir
+
+from .scores import SCORES, AnomalyScorer, auroc, threshold_at_fpr
+
+
+@dataclass
+class AnomalyArguments:
+    prior: str = option(None, "Prior folder or Hub id (and the tokenizer it names).")
+    tokenizer: str | None = option(None, "Override the tokenizer the prior names.")
+    input: str | None = option(None, "A folder of images (<class>/ subfolders give labels); or use --dataset/--split.")
+    split: str = option("test", "With --dataset: the split to score.", choices=["train", "test"])
+    normal_classes: str | None = option(None, "Comma list of the normal classes (names or ids); the others are anomalies.")
+    condition: str = option("null", "Score under the null class ('null'), each image's own class ('label', a cheat for evaluation), or one class name.")  # fmt: skip
+    fpr: float = option(0.05, "False-positive rate at which the threshold is reported.", domain="fraction")
+    sigma2: float | None = option(None, "Variance of the pixel model in 'combined'; default the tokenizer's test MSE.", domain="positive")  # fmt: skip
+    output_dir: str = option("anomaly-scores", "Written whole at the end.")
+
+    def validate(self) -> None:
+        if not self.prior:
+            raise UsageError("--prior is required: a train.prior output folder or a Hub id")
+        if self.input is not None and not os.path.isdir(self.input):
+            raise UsageError(f"--input {self.input!r}: expected a folder of images")
+
+
+def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
+    """(images, labels as class ids, class names, ids)."""
+    if args.input is not None:
+        data_args = DataArguments(dataset=args.input, test_fraction=data_args.test_fraction, image_channels=channels)
+        data = load_image_data(data_args)
+        ds = datasets.concatenate_datasets([data.train, data.test])  # a folder is scored whole
+    else:
+        data = load_image_data(data_args)
+        ds = data.test if args.split == "test" else data.train
+    images, labels = [], []
+    for b in image_loader(ds, ImageTransform(channels), 500, shuffle=False):
+        images.append(b["pixel_values"])
+        labels.append(b["labels"])
+    ids = [os.path.relpath(v["path"], args.input) if args.input and v.get("path") else f"{args.split}/{i}" for i, v in enumerate(ds["image"])]  # fmt: skip
+    return torch.cat(images), torch.cat(labels), data.class_names, ids
+
+
+def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins: int = 50) -> Image.Image:
+    """Histogram of one score; normal images blue, anomalies red when known."""
+    w, h, pad = 640, 320, 40
+    lo, hi = float(np.min(values)), float(np.max(values))
+    edges = np.linspace(lo, hi + 1e-9, bins + 1)
+    groups = [(values, (70, 110, 200))] if anomalous is None else [(values[~anomalous], (70, 110, 200)), (values[anomalous], (210, 70, 60))]  # fmt: skip
+    counts = [np.histogram(v, edges)[0] / max(len(v), 1) for v, _ in groups]
+    top = max(float(c.max()) for c in counts) or 1.0
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    bw = (w - 2 * pad) / bins
+    for c, (_, color) in zip(counts, groups):
+        for i, v in enumerate(c):
+            x0 = pad + i * bw
+            draw.rectangle([x0, h - pad - v / top * (h - 2 * pad), x0 + bw - 1, h - pad], outline=color)
+    draw.line([pad, h - pad, w - pad, h - pad], fill="black")
+    draw.text((pad, 8), title + ("" if anomalous is None else "  (blue: normal, red: anomalous; each normalised)"), fill="black")
+    draw.text((pad, h - pad + 6), f"{lo:.4g}", fill="black")
+    draw.text((w - pad - 60, h - pad + 6), f"{hi:.4g}", fill="black")
+    return img
+
+
+def main(argv=None):
+    args, data_args = parse_args((AnomalyArguments, DataArguments), argv)
+    scorer = AnomalyScorer.from_pretrained(args.prior, args.tokenizer, args.sigma2)
+    images, labels, names, ids = _load(args, data_args, scorer.tokenizer.config.in_channels)
+    prior_names = scorer.info.class_names
+    if args.condition == "null":
+        conditions = None
+    elif args.condition == "label":
+        if names != prior_names:
+            raise UsageError(f"--condition label: the data's classes {names} are not the prior's {prior_names}")
+        conditions = labels
+    elif args.condition in prior_names:
+        conditions = torch.full((len(images),), prior_names.index(args.condition))
+    else:
+        raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
+    scores = scorer.score(images, conditions)
+    anomalous = None
+    summary: dict = {"images": len(images), "prior": args.prior, "condition": args.condition, "sigma2": scorer.sigma2}
+    if args.normal_classes:
+        normal = class_ids(args.normal_classes, names, "--normal-classes")
+        anomalous = ~np.isin(labels.numpy(), sorted(normal))
+        summary["normal_classes"] = [names[i] for i in sorted(normal)]
+        for k in SCORES:
+            threshold, tpr, fpr = threshold_at_fpr(scores[k], anomalous, args.fpr)
+            summary[k] = {"auroc": auroc(scores[k], anomalous), "threshold": threshold, "tpr_at_fpr": tpr, "fpr": fpr}
+    tmp = staging_dir(args.output_dir)
+    with open(os.path.join(tmp, "scores.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label", *SCORES])
+        for i in range(len(images)):
+            label = names[int(labels[i])] if names and labels[i] >= 0 else ""
+            writer.writerow([ids[i], label, *(f"{scores[k][i]:.6g}" for k in SCORES)])
+    with open(os.path.join(tmp, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    histogram(scores["combined"], anomalous, "combined score (bits)").save(os.path.join(tmp, "histogram.png"))
+    publish_dir(tmp, args.output_dir)
+    print(f"scored {len(images)} images -> {args.output_dir}/scores.csv, summary.json, histogram.png")
+    if anomalous is not None:
+        for k in SCORES:
+            s = summary[k]
+            print(f"  {k:14s} AUROC {s['auroc']:.4f}; at FPR {s['fpr']:.3f}: threshold {s['threshold']:.5g}, TPR {s['tpr_at_fpr']:.3f}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,99 @@
+"""Anomaly scores from a tokenizer and its prior; higher means more anomalous.
+
+- ``nll``: the negative log-likelihood of the image's codes under the prior, in bits per image (with a
+  class condition, or the null class).
+- ``reconstruction``: the mean squared error of the tokenizer's reconstruction, per pixel ([-1, 1] scale).
+- ``combined``: the two-part code length of the image in bits: its codes under the prior, plus its pixels
+  given the codes under a Gaussian whose variance is the tokenizer's mean squared error on normal data,
+  ``nll + SSE / (2 sigma^2 ln 2)`` (the constant ``N/2 log2(2 pi sigma^2)`` is the same for every image and
+  dropped). Both terms are bits of the same description, so neither needs a hand-set weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from common.cli import UserError
+from prior import bits, load_prior, prior_loss
+from tokenizer import VQVAE
+
+SCORES = ("nll", "reconstruction", "combined")
+
+
+class AnomalyScorer:
+    """Scores images (N, C, H, W) in [-1, 1] with a prior and the tokenizer it was trained on."""
+
+    def __init__(self, tokenizer: VQVAE, prior, info, sigma2: float):
+        info.check_tokenizer(tokenizer)
+        self.tokenizer, self.prior, self.info, self.sigma2 = tokenizer.eval(), prior.eval(), info, sigma2
+
+    @classmethod
+    def from_pretrained(cls, prior_path: str, tokenizer: str | None = None, sigma2: float | None = None) -> AnomalyScorer:
+        """``sigma2``: the variance of the pixel model; default the tokenizer's own test error (its metrics.json)."""
+        prior, info = load_prior(prior_path)
+        ref = tokenizer or info.tokenizer
+        if not ref:
+            raise UserError(f"prior {prior_path} names no tokenizer; pass --tokenizer")
+        if sigma2 is None:
+            metrics = os.path.join(ref, "metrics.json")
+            if not os.path.exists(metrics):
+                raise UserError(f"tokenizer {ref} has no metrics.json to take the pixel variance from; pass --sigma2")
+            with open(metrics) as f:
+                sigma2 = float(json.load(f)["rec_loss"])
+        return cls(VQVAE.from_pretrained(ref), prior, info, sigma2)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor, conditions: torch.Tensor | None = None, batch_size: int = 500) -> dict[str, np.ndarray]:
+        """Per-image scores: {'nll': bits per image, 'reconstruction': MSE per pixel, 'combined': bits}.
+
+        ``conditions`` (N,): the class to score each image under (-1 or None: the null class).
+        """
+        out = {k: [] for k in SCORES}
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(self.device)
+            codes = self.tokenizer.encode(x)  # (B, h, w)
+            recon = self.tokenizer.decode(codes)
+            sse = ((recon.float() - x.float()) ** 2).flatten(1).sum(1)
+            cond = torch.full((len(x),), -1) if conditions is None else torch.as_tensor(conditions[start : start + batch_size])
+            nats = prior_loss(self.prior, codes.flatten(1), cond.to(self.device), self.info.layout, reduction="none")
+            nll = bits(nats) * self.info.seq_len  # bits per image
+            out["nll"].append(nll.cpu())
+            out["reconstruction"].append((sse / x[0].numel()).cpu())
+            out["combined"].append((nll + sse / (2 * self.sigma2 * math.log(2))).cpu())
+        return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that an anomalous image scores above a normal one
+    (ties count half), by the Mann-Whitney U statistic over average ranks."""
+    scores, anomalous = np.asarray(scores, dtype=np.float64), np.asarray(anomalous, dtype=bool)
+    n_pos, n_neg = int(anomalous.sum()), int((~anomalous).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise UserError(f"AUROC needs normal and anomalous images; got {n_neg} normal and {n_pos} anomalous")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]  # tied scores share their average rank
+    return float((ranks[anomalous].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def threshold_at_fpr(scores: np.ndarray, anomalous: np.ndarray, fpr: float) -> tuple[float, float, float]:
+    """(threshold, true-positive rate, false-positive rate) flagging ``score > threshold`` with at most
+    ``fpr`` of the normal images flagged."""
+    scores, anomalous = np.asarray(scores, dtype=np.float64), np.asarray(anomalous, dtype=bool)
+    normal = np.sort(scores[~anomalous])
+    k = int(math.floor(fpr * len(normal)))  # normal images allowed above the threshold
+    threshold = normal[len(normal) - k - 1] if k < len(normal) else -np.inf
+    flagged = scores > threshold
+    return float(threshold), float(flagged[anomalous].mean()), float(flagged[~anomalous].mean())

@@ -1,0 +1,175 @@
+"""Compress images with a tokenizer and its prior; decompress them to the tokenizer's reconstructions.
+
+    python -m codec compress --prior runs/prior --input photo.png --output photo.vqg
+    python -m codec compress --prior runs/prior --input images/ --output images.vqga     # one archive
+    python -m codec compress --prior runs/prior --input images/ --output coded/           # a file per image
+    python -m codec compress --prior runs/prior --dataset fashion_mnist --split test --output test.vqga
+    python -m codec decompress --prior runs/prior --input test.vqga --output decoded/
+
+An input folder keeps its layout; images under <class>/ folders named like the prior's classes are coded
+with that class, others with the null class (--class names one for all). Without --prior (--tokenizer
+only) codes are stored at ceil(log2 K) bits each.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common.cli import UsageError, option, parse_args, run_main
+from common.data import IMAGE_EXTENSIONS, DataArguments, ImageTransform, image_loader, load_image_data
+from common.files import atomic_write_bytes, publish_dir, staging_dir
+from common.images import to_pil
+
+from .codec import Codec
+
+ARCHIVE_SUFFIX, FILE_SUFFIX = ".vqga", ".vqg"
+
+
+@dataclass
+class CodecArguments:
+    command: str = option(None, "compress or decompress.", choices=["compress", "decompress"])
+    prior: str | None = option(None, "Prior folder or Hub id (and the tokenizer it names).")
+    tokenizer: str | None = option(None, "Tokenizer folder or Hub id: overrides the prior's, or codes without a prior.")
+    input: str | None = option(None, "compress: an image, a folder of images; decompress: a .vqg file, a .vqga archive or a folder of .vqg files.")  # fmt: skip
+    output: str = option(None, "compress: NAME.vqg (one image), NAME.vqga (one archive) or a folder (a .vqg per image); decompress: an image or a folder.")  # fmt: skip
+    split: str = option("test", "With --dataset: the split to compress.", choices=["train", "test"])
+    class_name: str | None = option(None, "Code every input image with this class (default: its <class>/ folder, else the null class).")  # fmt: skip
+    group: int = option(256, "Images coded as one batch in an archive (the decoder's batch).", domain="positive")
+    batch_size: int = option(256, "Images encoded by the tokenizer at once.", domain="positive")
+
+    def validate(self) -> None:
+        if self.command is None:
+            raise UsageError("the first argument is the command: compress or decompress")
+        if self.output is None:
+            raise UsageError("--output is required")
+        if self.prior is None and self.tokenizer is None:
+            raise UsageError("pass --prior (entropy coding with its distributions) or --tokenizer (fixed-width codes)")
+        if self.input is not None and not os.path.exists(self.input):
+            raise UsageError(f"--input {self.input!r}: no such file or folder")
+
+
+def _image_files(root: str) -> list[str]:
+    if os.path.isfile(root):
+        return [root]
+    found = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise UsageError(f"--input {root}: no images in this folder")
+    return sorted(found)
+
+
+def _inputs(args: CodecArguments, data_args: DataArguments, codec: Codec):
+    """(images (N, C, H, W), labels, names) from --input or --dataset."""
+    channels = codec.tokenizer.config.in_channels
+    names_known = codec.info.class_names if codec.info else []
+    if args.class_name is not None and args.class_name not in names_known:
+        raise UsageError(f"--class-name {args.class_name!r}: expected one of the prior's classes {names_known}")
+    if args.input is None:  # a dataset split
+        data = load_image_data(data_args)
+        ds = data.test if args.split == "test" else data.train
+        images, labels = [], []
+        for b in tqdm(image_loader(ds, ImageTransform(channels), args.batch_size, shuffle=False), desc="read", unit="batch"):
+            images.append(b["pixel_values"])
+            labels.append(b["labels"])
+        labels = torch.cat(labels).tolist() if data.class_names == names_known else [-1] * sum(len(i) for i in images)
+        return torch.cat(images), labels, None
+    root = args.input
+    files = _image_files(root)
+    transform = ImageTransform(channels)
+    images = torch.stack([transform.pixels({"path": f, "bytes": None}) for f in files]).float().div(127.5).sub(1)
+    rel = [os.path.relpath(f, root) if os.path.isdir(root) else os.path.basename(f) for f in files]
+    folder = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
+    labels = [names_known.index(args.class_name) if args.class_name else (names_known.index(f) if f in names_known else -1) for f in folder]  # fmt: skip
+    return images, labels, rel
+
+
+def compress(args: CodecArguments, data_args: DataArguments, codec: Codec) -> None:
+    images, labels, names = _inputs(args, data_args, codec)
+    grid = codec.grid(tuple(images.shape[-2:]))
+    codes = np.concatenate([codec.encode_images(chunk) for chunk in images.split(args.batch_size)])
+    raw = images.numel()  # one byte per pixel value
+    if args.output.endswith(FILE_SUFFIX):  # one image -> one file
+        if len(codes) != 1:
+            raise UsageError(f"--output {args.output}: one {FILE_SUFFIX} file holds one image, the input has {len(codes)}; "
+                             f"name a folder or an {ARCHIVE_SUFFIX} archive")  # fmt: skip
+        data = codec.compress_codes(codes[0], labels[0], grid)
+        atomic_write_bytes(args.output, data)
+        size = len(data)
+    elif args.output.endswith(ARCHIVE_SUFFIX):
+        with tqdm(total=len(codes), desc="compress", unit="img") as bar:
+            data = codec.compress_archive(codes, labels, grid, names, group=args.group, progress=bar)
+        atomic_write_bytes(args.output, data)
+        size = len(data)
+    else:
+        if names is None:
+            names = [f"{i:06d}.png" for i in range(len(codes))]
+        tmp, size = staging_dir(args.output), 0
+        for c, label, name in tqdm(list(zip(codes, labels, names)), desc="compress", unit="img"):
+            data = codec.compress_codes(c, label, grid)
+            path = os.path.join(tmp, os.path.splitext(name)[0] + FILE_SUFFIX)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            size += len(data)
+        publish_dir(tmp, args.output)
+    print(f"{len(codes)} images -> {args.output}: {size / len(codes):.1f} bytes per image, "
+          f"{8 * size / (images[0].numel() * len(codes)):.3f} bits per pixel, {raw / size:.1f}x smaller than raw 8-bit pixels")  # fmt: skip
+
+
+def decompress(args: CodecArguments, codec: Codec) -> None:
+    if args.input is None:
+        raise UsageError("decompress needs --input: a .vqg file, a .vqga archive or a folder of .vqg files")
+    if os.path.isdir(args.input):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.input) for f in fs if f.endswith(FILE_SUFFIX))
+        if not files:
+            raise UsageError(f"--input {args.input}: no {FILE_SUFFIX} files in this folder")
+        entries = []
+        for f in tqdm(files, desc="decompress", unit="img"):
+            codes, _, grid = codec.decompress_codes(open(f, "rb").read(), what=f)
+            entries.append((os.path.relpath(f, args.input)[: -len(FILE_SUFFIX)] + ".png", codes, grid))
+    else:
+        data = open(args.input, "rb").read()
+        if data[:3] == b"VQA":
+            with tqdm(desc="decompress", unit="img") as bar:
+                codes, _, names, grid = codec.decompress_archive(data, what=args.input, progress=bar)
+            names = [os.path.splitext(n)[0] + ".png" for n in names] if names else [f"{i:06d}.png" for i in range(len(codes))]
+            entries = [(n, c, grid) for n, c in zip(names, codes)]
+        else:
+            codes, _, grid = codec.decompress_codes(data, what=args.input)
+            entries = [(None, codes, grid)]
+    if len(entries) == 1 and entries[0][0] is None:  # one file -> one image
+        png = io.BytesIO()
+        to_pil(codec.decode_codes(entries[0][1][None], entries[0][2]))[0].save(png, format="PNG")
+        atomic_write_bytes(args.output, png.getvalue())
+        print(f"decoded {args.input} -> {args.output}")
+        return
+    tmp = staging_dir(args.output)
+    for name, codes, grid in entries:
+        path = os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        to_pil(codec.decode_codes(codes[None], grid))[0].save(path)
+    publish_dir(tmp, args.output)
+    print(f"decoded {len(entries)} images -> {args.output}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-"):  # the command as a positional word
+        argv = ["--command", argv[0], *argv[1:]]
+    args, data_args = parse_args((CodecArguments, DataArguments), argv)
+    codec = Codec.from_pretrained(args.prior, args.tokenizer)
+    torch.set_grad_enabled(False)
+    if args.command == "compress":
+        compress(args, data_args, codec)
+    else:
+        decompress(args, codec)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,322 @@
+"""A lossy image codec from a vqgpt tokenizer and its prior: codes entropy-coded with the prior's own
+conditional distributions.
+
+Compression: image -> the tokenizer's code grid -> for every code, the prior's distribution given the
+class and the codes before it -> an integer frequency table -> rANS (``constriction``). Decompression
+runs the same prior step by step, decoding one code per step, then the tokenizer's decoder: the output
+is exactly ``decode(encode(x))``.
+
+The two sides must compute identical tables: one differing frequency derails the rest of the stream.
+Teacher-forced and step-by-step logits differ in their last bits, and so do different batch sizes, so
+both sides take the same path by construction: :meth:`Codec._tables` is one generator, run step by step
+with the KV cache on groups of the same images (one image for a single file; the archive's recorded group
+size otherwise), in float64 on the CPU, and its probabilities are rounded to integer frequencies (16 bits,
+every code at least 1) before the coder sees them. A CRC-16 of the codes in each record turns any
+remaining mismatch (another machine's float64 rounding on a table entry at a rounding boundary) into
+an error, never a silently wrong image.
+
+Why constriction: a maintained Rust library with Python bindings, stack (ANS) and queue (range) coders
+over exactly the categorical models a prior gives, and bit-exact decoding of what it encoded.
+"""
+
+from __future__ import annotations
+
+import binascii
+import copy
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import torch
+
+from common.cli import UserError
+from prior import PriorInfo, load_prior
+from tokenizer import VQVAE
+
+PRECISION = 16  # integer tables sum to 2**16
+VERSION = 1
+MAGIC_FILE, MAGIC_ARCHIVE = b"VQ", b"VQA"
+# One image: magic, version, flags (bit 0: entropy-coded with a prior), models id, grid h, grid w, condition, CRC-16.
+FILE_HEADER = struct.Struct("<2sBBIBBHH")
+# Many images: magic, version, flags (bit 0: prior, bit 1: names), models id, grid h, grid w, group size, count.
+ARCHIVE_HEADER = struct.Struct("<3sBBIBBHI")
+NULL = 0xFFFF  # the condition of an unconditional record
+
+
+class CodecError(UserError):
+    """A file that cannot be decoded with these models; the message says why in one line."""
+
+
+@dataclass
+class Record:
+    codes: np.ndarray  # (h*w,) code ids
+    condition: int  # class id, or -1 for the null class
+
+
+def integer_table(logits: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
+    """Logits (N, K) -> integer frequencies (N, K), each >= 1, each row summing to 2**precision.
+
+    ``floor(p * (2**precision - K)) + 1``, and what rounding leaves over goes to the most likely code.
+    Integer arithmetic from the probabilities on: both sides derive the same table from the same logits.
+    """
+    total, k = 1 << precision, logits.shape[-1]
+    p = torch.softmax(logits.double(), dim=-1).numpy()
+    freqs = np.floor(p * (total - k)).astype(np.int64) + 1
+    freqs[np.arange(len(freqs)), p.argmax(-1)] += total - freqs.sum(-1)
+    return freqs
+
+
+def models_id(*models: torch.nn.Module) -> int:
+    """32 bits of a SHA-256 over the models' weights: which tokenizer and prior made a file."""
+    h = hashlib.sha256()
+    for model in models:
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:4], "little")
+
+
+def _crc(codes: np.ndarray) -> int:
+    return binascii.crc_hqx(np.asarray(codes, dtype="<u2").tobytes(), 0)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes, what: str):
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise CodecError(f"{self.what} is truncated: {len(self.data)} bytes, more expected")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self) -> int:
+        n, shift = 0, 0
+        while True:
+            (b,) = self.take(1)
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+
+
+class Codec:
+    """Compress images to bytes and back with a tokenizer and (optionally) its prior.
+
+    >>> codec = Codec.from_pretrained("runs/prior")            # the prior and the tokenizer it names
+    >>> data = codec.compress(image, label=7)                  # image (C, H, W) in [-1, 1]
+    >>> codec.decompress(data)                                 # the tokenizer's reconstruction, exactly
+    """
+
+    def __init__(self, tokenizer: VQVAE, prior=None, info: PriorInfo | None = None):
+        self.tokenizer = tokenizer.eval()
+        self.num_codes = tokenizer.config.num_codes
+        self.prior, self.info = None, info
+        if prior is not None:
+            info.check_tokenizer(tokenizer)
+            # A float64 CPU copy: the tables' path, the same for the encoder and the decoder.
+            self.prior = copy.deepcopy(prior).to("cpu", torch.float64).eval()
+        self.id = models_id(*[m for m in (tokenizer, prior) if m is not None])
+        self._model = constriction.stream.model.Categorical(perfect=False)
+
+    @classmethod
+    def from_pretrained(cls, prior: str | None = None, tokenizer: str | None = None) -> Codec:
+        """A prior folder or Hub id (and the tokenizer it names, or ``tokenizer``); or a tokenizer alone."""
+        if prior is None:
+            if tokenizer is None:
+                raise UserError("the codec needs a prior (--prior) or at least a tokenizer (--tokenizer)")
+            return cls(VQVAE.from_pretrained(tokenizer))
+        model, info = load_prior(prior)
+        ref = tokenizer or info.tokenizer
+        if not ref:
+            raise UserError(f"prior {prior} names no tokenizer; pass --tokenizer")
+        return cls(VQVAE.from_pretrained(ref), model, info)
+
+    @property
+    def bits_per_code(self) -> int:
+        return max(1, math.ceil(math.log2(self.num_codes)))
+
+    # -- codes <-> images ----------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """Images (N, C, H, W) in [-1, 1] -> codes (N, h*w)."""
+        device = next(self.tokenizer.parameters()).device
+        return self.tokenizer.encode(images.to(device)).flatten(1).cpu().numpy()
+
+    def decode_codes(self, codes: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+        device = next(self.tokenizer.parameters()).device
+        return self.tokenizer.decode(torch.as_tensor(codes, dtype=torch.long, device=device).view(-1, *grid)).cpu()
+
+    # -- the tables: one path for both sides ---------------------------------------------------------
+
+    @torch.inference_mode()
+    def _tables(self, conditions: list[int]):
+        """Generator of integer tables (G, K), one per code position, for a group of G records.
+
+        After each table it must be sent the codes (G,) at that position: the known ones when
+        compressing, the decoded ones when decompressing. The two sides therefore run the same forward
+        passes on the same batch, step by step with the KV cache.
+        """
+        layout = self.info.layout
+        ids = layout.condition_tokens(torch.tensor(conditions))[:, None]  # (G, 1)
+        past = None
+        for t in range(self.info.seq_len):
+            out = self.prior(input_ids=ids, past_key_values=past, use_cache=True, cache_position=torch.tensor([t]))
+            past = out.past_key_values
+            codes = yield integer_table(out.logits[:, -1, : layout.num_codes])
+            ids = torch.as_tensor(np.asarray(codes), dtype=torch.long)[:, None]
+
+    def _encode_group(self, records: list[Record]) -> bytes:
+        """A group of records -> one stream: with a prior, one ANS stream over every code of the group,
+        in the order the decoder meets them (position by position, record by record)."""
+        if self.prior is None:
+            return b"".join(self._pack_bits(r.codes) for r in records)
+        codes = np.stack([r.codes for r in records])  # (G, T)
+        tables = self._tables([r.condition for r in records])
+        steps = [next(tables)]
+        for t in range(codes.shape[1] - 1):
+            steps.append(tables.send(codes[:, t]))
+        tables.close()
+        probabilities = np.concatenate(steps).astype(np.float64) / (1 << PRECISION)  # (T*G, K), position-major
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(codes.T.reshape(-1).astype(np.int32), self._model, probabilities)
+        return coder.get_compressed().tobytes()
+
+    def _decode_group(self, payload: bytes, conditions: list[int], t_len: int, what: str) -> np.ndarray:
+        """One stream -> the codes (G, T) of its records, decoded position by position."""
+        g_len = len(conditions)
+        if self.prior is None:
+            per = math.ceil(t_len * self.bits_per_code / 8)
+            if len(payload) != per * g_len:
+                raise CodecError(f"{what} is damaged: {len(payload)} bytes of codes, {per * g_len} expected")
+            return np.stack([self._unpack_bits(payload[i * per : (i + 1) * per], t_len) for i in range(g_len)])
+        if len(payload) % 4 or not payload:
+            raise CodecError(f"{what} is damaged: {len(payload)} bytes of coded data (a non-empty multiple of 4 was written)")
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype=np.uint32).copy())
+        tables = self._tables(conditions)
+        table = next(tables)
+        out = np.zeros((g_len, t_len), dtype=np.int64)
+        for t in range(t_len):
+            try:
+                out[:, t] = coder.decode(self._model, table.astype(np.float64) / (1 << PRECISION))
+            except Exception as e:  # the coder ran out of data
+                raise CodecError(f"{what} is damaged or was made with other models ({type(e).__name__})") from None
+            if t + 1 < t_len:
+                table = tables.send(out[:, t])
+        tables.close()
+        return out
+
+    def _pack_bits(self, codes: np.ndarray) -> bytes:
+        """No prior: every code in ceil(log2 K) bits."""
+        bits = np.unpackbits(codes.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)[:, -self.bits_per_code :]
+        return np.packbits(bits.reshape(-1)).tobytes()
+
+    def _unpack_bits(self, data: bytes, t_len: int) -> np.ndarray:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: t_len * self.bits_per_code].reshape(t_len, -1)
+        return (bits.astype(np.int64) << np.arange(self.bits_per_code - 1, -1, -1)).sum(1)
+
+    # -- records <-> files ---------------------------------------------------------------------------
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The code grid of images of ``image_size`` (H, W); the prior's, which must agree."""
+        grid = tuple(self.tokenizer.code_grid(*image_size))
+        if self.info is not None and grid != tuple(self.info.grid):
+            raise UserError(f"{image_size[0]}x{image_size[1]} images make {grid[0]}x{grid[1]} code grids but the prior models {self.info.grid[0]}x{self.info.grid[1]}")  # fmt: skip
+        return grid
+
+    def _check(self, magic_ok: bool, version: int, flags: int, ident: int, grid, what: str) -> None:
+        if not magic_ok:
+            raise CodecError(f"{what} is not a vqgpt codec file (wrong magic bytes)")
+        if version != VERSION:
+            raise CodecError(f"{what} has format version {version}; this vqgpt reads version {VERSION}")
+        if bool(flags & 1) != (self.prior is not None):
+            need = "a prior" if flags & 1 else "no prior (--tokenizer only)"
+            raise CodecError(f"{what} was coded with {need}; decode it with the same models")
+        if ident != self.id:
+            raise CodecError(f"{what} was made by another tokenizer/prior pair (models id {ident:08x}, these are {self.id:08x})")
+        if self.info is not None and tuple(grid) != tuple(self.info.grid):
+            raise CodecError(f"{what} holds {grid[0]}x{grid[1]} code grids but the prior makes {self.info.grid[0]}x{self.info.grid[1]}")
+
+    def compress(self, image: torch.Tensor, label: int = -1) -> bytes:
+        """One image (C, H, W) in [-1, 1] -> a file: a 13-byte header and its coded codes."""
+        return self.compress_codes(self.encode_images(image[None])[0], label, self.grid(tuple(image.shape[-2:])))
+
+    def compress_codes(self, codes: np.ndarray, label: int, grid: tuple[int, int]) -> bytes:
+        payload = self._encode_group([Record(np.asarray(codes), label)])
+        header = FILE_HEADER.pack(MAGIC_FILE, VERSION, int(self.prior is not None), self.id, grid[0], grid[1],
+                                  NULL if label < 0 else label, _crc(codes))  # fmt: skip
+        return header + payload
+
+    def decompress_codes(self, data: bytes, what: str = "file") -> tuple[np.ndarray, int, tuple[int, int]]:
+        """A file -> (codes (h*w,), condition, grid)."""
+        r = _Reader(data, what)
+        magic, version, flags, ident, h, w, cond, crc = FILE_HEADER.unpack(r.take(FILE_HEADER.size))
+        self._check(magic == MAGIC_FILE, version, flags, ident, (h, w), what)
+        label = -1 if cond == NULL else cond
+        codes = self._decode_group(data[r.pos :], [label], h * w, what)[0]
+        if _crc(codes) != crc:
+            raise CodecError(f"{what} did not decode to the codes it was made from (CRC mismatch): damaged, or a table differed")
+        return codes, label, (h, w)
+
+    def decompress(self, data: bytes, what: str = "file") -> torch.Tensor:
+        """A file -> the tokenizer's reconstruction (C, H, W) in [-1, 1], exactly ``decode(encode(x))``."""
+        codes, _, grid = self.decompress_codes(data, what)
+        return self.decode_codes(codes[None], grid)[0]
+
+    def compress_archive(self, codes: np.ndarray, labels: list[int], grid: tuple[int, int], names: list[str] | None = None,
+                         group: int = 256, progress=None) -> bytes:  # fmt: skip
+        """Many images' codes (N, h*w) -> one archive. Images are coded in groups of ``group``, each group
+        one stream decoded as one batch: per image only its condition and CRC (4 bytes) are added."""
+        if not 1 <= group <= 0xFFFF:
+            raise UserError(f"archive group size {group}: expected 1..65535")
+        flags = int(self.prior is not None) | (2 if names is not None else 0)
+        out = [ARCHIVE_HEADER.pack(MAGIC_ARCHIVE, VERSION, flags, self.id, grid[0], grid[1], group, len(codes))]
+        for start in range(0, len(codes), group):
+            records = [Record(np.asarray(c), int(lb)) for c, lb in zip(codes[start : start + group], labels[start : start + group])]
+            for i, rec in enumerate(records, start):
+                out.append(struct.pack("<HH", NULL if rec.condition < 0 else rec.condition, _crc(rec.codes)))
+                if names is not None:
+                    out.append(_varint(len(names[i].encode())) + names[i].encode())
+            payload = self._encode_group(records)
+            out.append(_varint(len(payload)) + payload)
+            if progress is not None:
+                progress.update(len(records))
+        return b"".join(out)
+
+    def decompress_archive(self, data: bytes, what: str = "archive", progress=None):
+        """An archive -> (codes (N, h*w), conditions, names or None, grid)."""
+        r = _Reader(data, what)
+        magic, version, flags, ident, h, w, group, count = ARCHIVE_HEADER.unpack(r.take(ARCHIVE_HEADER.size))
+        self._check(magic == MAGIC_ARCHIVE, version, flags, ident, (h, w), what)
+        codes, conditions, names = [], [], []
+        for start in range(0, count, group):
+            chunk = []
+            for _ in range(min(group, count - start)):
+                cond, crc = struct.unpack("<HH", r.take(4))
+                chunk.append((-1 if cond == NULL else cond, crc))
+                if flags & 2:
+                    names.append(r.take(r.varint()).decode())
+            decoded = self._decode_group(r.take(r.varint()), [c[0] for c in chunk], h * w, what)
+            for (cond, crc), c in zip(chunk, decoded):
+                if _crc(c) != crc:
+                    raise CodecError(f"{what}: image {len(codes)} did not decode to its codes (CRC mismatch): damaged, or a table differed")  # fmt: skip
+                codes.append(c)
+                conditions.append(cond)
+            if progress is not None:
+                progress.update(len(chunk))
+        if r.pos != len(data):
+            raise CodecError(f"{what} has {len(data) - r.pos} bytes after its last image")
+        return np.stack(codes) if codes else np.zeros((0, h * w), dtype=np.int64), conditions, (names if flags & 2 else None), (h, w)

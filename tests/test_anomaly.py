@@ -1,0 +1,65 @@
+"""Anomaly scores: AUROC and thresholds against hand-computed cases, and a class held out of training
+scoring higher than the training class, through the real command lines."""
+
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from anomaly import auroc, threshold_at_fpr
+from common.cli import UserError
+from conftest import python_m
+
+
+def _pairwise_auroc(scores, anomalous):
+    """The definition: P(anomalous score > normal score) + half of P(equal), over all pairs."""
+    pos, neg = scores[anomalous], scores[~anomalous]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_hand_case_and_definition():
+    # scikit-learn's roc_auc_score documentation example: 0.75.
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1])) == 1.0
+    assert auroc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5  # a tie counts half
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 200).astype(float)  # many ties
+    anomalous = rng.random(200) < 0.3
+    assert auroc(scores, anomalous) == pytest.approx(_pairwise_auroc(scores, anomalous))
+    with pytest.raises(UserError, match="needs normal and anomalous"):
+        auroc(scores, np.zeros(200, dtype=bool))
+
+
+def test_threshold_at_fpr():
+    scores = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 5.5, 9.5, 11], dtype=float)
+    anomalous = np.array([0] * 10 + [1] * 3, dtype=bool)
+    threshold, tpr, fpr = threshold_at_fpr(scores, anomalous, 0.1)  # one normal image of ten may be flagged
+    assert (threshold, tpr, fpr) == (9.0, pytest.approx(2 / 3), pytest.approx(0.1))
+    threshold, tpr, fpr = threshold_at_fpr(scores, anomalous, 0.0)
+    assert (threshold, tpr, fpr) == (10.0, pytest.approx(1 / 3), 0.0)
+
+
+def test_held_out_class_scores_higher(tmp_path):
+    """A tokenizer and a prior trained on trousers only; sneakers and bags in the test split score higher."""
+    tok, codes, prior, out = (tmp_path / k for k in ("tok", "codes", "prior", "scores"))
+    only = ["--only-classes", "Trouser", "--max-train-samples", "12000", "--max-eval-samples", "1500"]
+    python_m("train.tokenizer", "--preset", "tiny", *only, "--train-batch-size", "64", "--max-train-steps", "120",
+             "--learning-rate", "2e-3", "--lr-warmup-steps", "10", "--eval-steps", "120", "--output-dir", str(tok))  # fmt: skip
+    python_m("train.encode", "--tokenizer", str(tok), *only, "--output-dir", str(codes))
+    python_m("train.prior", "--codes", str(codes), "--preset", "tiny", "--train-batch-size", "64", "--max-train-steps", "120",
+             "--learning-rate", "3e-3", "--lr-warmup-steps", "10", "--eval-steps", "120", "--samples-per-class", "1",
+             "--output-dir", str(prior))  # fmt: skip
+    proc = python_m("anomaly", "--prior", str(prior), "--dataset", "fashion_mnist", "--max-eval-samples", "1500",
+                    "--normal-classes", "Trouser", "--output-dir", str(out))  # fmt: skip
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 1500 and (out / "histogram.png").stat().st_size > 0
+    for score in ("nll", "reconstruction", "combined"):
+        normal = np.mean([float(r[score]) for r in rows if r["label"] == "Trouser"])
+        for held_out in ("Sneaker", "Bag"):
+            assert np.mean([float(r[score]) for r in rows if r["label"] == held_out]) > normal, (score, held_out)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["combined"]["auroc"] > 0.8, summary
+    assert "AUROC" in proc.stdout
