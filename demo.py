@@ -1,24 +1,40 @@
-"""From Fashion-MNIST to class-conditional samples, through the same commands a user runs.
+"""From Fashion-MNIST to class-conditional samples and their measured quality, through the commands a user runs.
 
     python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 800] [--preset tiny --max-samples N]
 
-1. accelerate launch -m train.tokenizer   (VQ-VAE, fashion-mnist preset)
-2. accelerate launch -m train.encode      (codes of all 70k images)
-3. accelerate launch -m train.prior       (GPT-2 prior, fashion-mnist preset)
-4. python -m sample                       (10 classes x 8 images, guidance 2)
+1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset)
+2. accelerate launch -m train.encode       (codes of all 70k images)
+3. accelerate launch -m train.prior        (GPT-2 prior, fashion-mnist preset)
+4. accelerate launch -m train.classifier   (the reference classifier of the evaluation)
+5. python -m sample                        (10 classes x 80 images, the default sampling settings)
+6. python -m evaluation                    (FD, precision, recall, class accuracy, each beside its real-data floor)
 
 A stage whose output already exists is reused (and says so); --fresh starts over.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+from common.cli import option, parse_args, run_main
+
+
+@dataclass
+class DemoArguments:
+    out: str = option("runs/demo", "Folder of every stage's output.")
+    fresh: bool = option(False, "Start over instead of reusing finished stages.")
+    tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
+    prior_steps: int = option(800, "Training steps of the prior.", domain="positive")
+    classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
+    per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
+    preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
+    max_samples: int | None = option(None, "Use only this many training images (a quarter as many test images).", domain="positive")  # fmt: skip
 
 
 def _run(cmd: list[str]) -> float:
@@ -36,16 +52,13 @@ def _launch(module: str, *args: str) -> list[str]:
             "--dynamo_backend", "no", "-m", module, *args]  # fmt: skip
 
 
-def run_chain(out: str, tokenizer_steps: int, prior_steps: int, fresh: bool = False, per_class: int = 8,
-              preset: str = "fashion-mnist", max_samples: int | None = None) -> dict:  # fmt: skip
-    """Run (or reuse) the four stages under ``out``; return paths, metrics and minutes per stage.
-
-    ``preset`` names both stages' presets; ``max_samples`` limits every split (tests use both).
-    """
-    limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max_samples // 4)] if max_samples else []
-    if fresh and os.path.isdir(out):
+def run_chain(args: DemoArguments) -> dict:
+    """Run (or reuse) the stages under ``args.out``; return paths, metrics and minutes per stage."""
+    out, tokenizer_steps, prior_steps, preset, max_samples = args.out, args.tokenizer_steps, args.prior_steps, args.preset, args.max_samples  # fmt: skip
+    limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
+    if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
-    tok, codes, prior, samples = (os.path.join(out, d) for d in ("tokenizer", "codes", "prior", "samples"))
+    tok, codes, prior, clf, samples = (os.path.join(out, d) for d in ("tokenizer", "codes", "prior", "classifier", "samples"))  # fmt: skip
     minutes: dict[str, float] = {}
 
     def stage(name: str, done: str, cmd: list[str]) -> None:
@@ -65,35 +78,39 @@ def run_chain(out: str, tokenizer_steps: int, prior_steps: int, fresh: bool = Fa
         "train.prior", "--codes", codes, "--preset", preset, "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
+    stage("classifier", os.path.join(clf, "metrics.json"), _launch(
+        "train.classifier", "--dataset", "fashion_mnist", "--output-dir", clf, *limit,
+        "--max-train-steps", str(args.classifier_steps), "--eval-steps", str(args.classifier_steps),
+        "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
+    # The sampling settings are the defaults of python -m sample (chosen in docs/recipe.md).
     minutes["sample"] = _run([sys.executable, "-m", "sample", "--prior", prior, "--classes", "all",
-                              "--per-class", str(per_class), "--guidance-scale", "2", "--seed", "0",
-                              "--output-dir", samples]) / 60  # fmt: skip
-    with open(os.path.join(tok, "metrics.json")) as f:
-        tok_metrics = json.load(f)
-    with open(os.path.join(prior, "metrics.json")) as f:
-        prior_metrics = json.load(f)
-    return {"tokenizer": tok, "prior": prior, "grid": os.path.join(samples, "grid.png"),
-            "tokenizer_metrics": tok_metrics, "prior_metrics": prior_metrics, "minutes": minutes}  # fmt: skip
+                              "--per-class", str(args.per_class), "--seed", "0", "--output-dir", samples]) / 60  # fmt: skip
+    report = os.path.join(out, "evaluation.json")
+    minutes["evaluation"] = _run([sys.executable, "-m", "evaluation", "--samples", samples, "--classifier", clf,
+                                  *(["--max-reference", str(max_samples // 4)] if max_samples else []),
+                                  "--output-json", report]) / 60  # fmt: skip
+    metrics = {}
+    for name, path in (("tokenizer", tok), ("prior", prior), ("classifier", clf)):
+        with open(os.path.join(path, "metrics.json")) as f:
+            metrics[name] = json.load(f)
+    with open(report) as f:
+        metrics["samples"] = json.load(f)
+    return {"tokenizer": tok, "prior": prior, "grid": os.path.join(samples, "grid.png"), "metrics": metrics, "minutes": minutes}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
-    p.add_argument("--tokenizer-steps", type=int, default=1000)
-    p.add_argument("--prior-steps", type=int, default=800)
-    p.add_argument("--preset", default="fashion-mnist", help="preset of both stages (tiny: a smoke test)")
-    p.add_argument("--max-samples", type=int, default=None, help="use only this many training images")
-    args = p.parse_args(argv)
+    (args,) = parse_args((DemoArguments,), argv)
     t = time.perf_counter()
-    r = run_chain(args.out, args.tokenizer_steps, args.prior_steps, args.fresh, preset=args.preset, max_samples=args.max_samples)
-    tm, pm = r["tokenizer_metrics"], r["prior_metrics"]
+    r = run_chain(args)
+    tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
     print(f"""
 vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min
   tokenizer  {r['tokenizer']}   test PSNR {tm['psnr']:.2f} dB, codebook usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}
   prior      {r['prior']}   test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
+  classifier test accuracy {cm['accuracy']:.3f}
+  samples    FD {sm['fd']:.3f} (real-data floor {sm['fd_floor']:.3f}, {sm['fd'] / sm['fd_floor']:.1f}x), precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}), class accuracy {sm['accuracy']:.3f}
   grid       {r['grid']}""")  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

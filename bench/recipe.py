@@ -57,7 +57,7 @@ PRIORS = {
     "k1024": ("k1024", ["--max-train-steps", "1600"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior
-    "default": [dict(guidance_scale=2.0)],
+    "default": [dict()],  # the pipeline's defaults
     "guidance": [dict(guidance_scale=g) for g in (1.0, 1.5, 2.0, 3.0)],
     "grid": [dict(guidance_scale=g, temperature=t, top_k=k, top_p=p)
              for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (None, 100), (None, 0.95))],  # fmt: skip

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from bench.common import machine
 
 # Order matters: the quality run trains the models that the encode and sampling figures then use.
@@ -19,7 +21,11 @@ SCRIPTS = [
     ["bench.quality"],
     ["bench.encode", "runs/bench/tokenizer"],
     ["bench.sampling", "runs/bench/prior"],
+    ["bench.codec", "runs/bench/prior"],
+    ["bench.anomaly", "--out", "runs/bench/anomaly", "--preset", "tiny", "--tokenizer-steps", "300", "--prior-steps", "300"],
 ]
+if torch.cuda.is_available():  # the GPU section runs only where CUDA is present
+    SCRIPTS += [["bench.gpu"], ["bench.fsdp"]]
 
 
 def fmt(v):

@@ -22,7 +22,7 @@ class SamplingArguments:
 
     guidance_scale: float = option(2.0, "Classifier-free guidance: 1 = plain conditional, 0 = unconditional.", domain="non-negative")  # fmt: skip
     temperature: float = option(1.0, "Softmax temperature; 0 = greedy.", domain="non-negative")
-    top_k: int = option(0, "Keep the k most likely codes; 0 = no top-k filtering.", domain="non-negative")
+    top_k: int = option(100, "Keep the k most likely codes; 0 = no top-k filtering.", domain="non-negative")
     top_p: float = option(1.0, "Nucleus filtering; 1 = none.", domain="top-p")
     seed: int = option(0, "Seed of the sampling RNG: the same seed gives the same images.", domain="non-negative")
     batch_size: int = option(64, "Images generated at once (guidance doubles the rows).", domain="positive")
@@ -91,9 +91,9 @@ class ClassConditionalPipeline:
     def __call__(
         self,
         labels: Sequence[int | str] | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = 2.0,
         temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = 100,
         top_p: float | None = None,
         seed: int | None = None,
         batch_size: int = 64,

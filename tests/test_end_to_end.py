@@ -1,5 +1,6 @@
 """The demo's path with the tiny presets through the real command lines; kills at the worst moments."""
 
+import json
 import os
 import shutil
 import signal
@@ -19,24 +20,27 @@ from tokenizer import VQVAE
 def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"
     args = ["demo.py", "--out", str(out), "--preset", "tiny", "--max-samples", "2048",
-            "--tokenizer-steps", "40", "--prior-steps", "40"]  # fmt: skip
+            "--tokenizer-steps", "40", "--prior-steps", "40", "--classifier-steps", "20", "--per-class", "8"]  # fmt: skip
     proc = run([sys.executable, *args])
-    for name in ("tokenizer", "prior"):
+    for name in ("tokenizer", "prior", "classifier"):
         files = set(os.listdir(out / name))
-        assert {"config.json", "model.safetensors", "README.md", "metrics.json", "images"} <= files, files
+        assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= files, files
+        assert name == "classifier" or "images" in files, files
     assert (out / "prior" / "generation_config.json").exists()
     assert {"dataset_dict.json", "vqgpt_codes.json", "train", "test"} <= set(os.listdir(out / "codes"))
     samples = datasets.load_dataset("imagefolder", data_dir=str(out / "samples"), split="train")
     assert len(samples) == 80 and len(set(samples["label"])) == 10
     assert (out / "samples" / "grid.png").exists()
     assert "accelerate.commands.launch" in proc.stdout and "-m train.tokenizer" in proc.stdout
-    for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "grid  "):
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["num_samples"] == 80 and 0 <= report["accuracy"] <= 1 and report["fd_floor"] > 0, report
+    for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "classifier test accuracy", "samples    FD", "floor", "grid  "):
         assert line in proc.stdout, line
     pipe = ClassConditionalPipeline.from_pretrained(str(out / "prior"))
     assert pipe(["Bag"], seed=0).shape == (1, 1, 28, 28)
 
     again = run([sys.executable, *args])
-    assert again.stdout.count("reusing") == 3, again.stdout  # tokenizer, codes and prior are not retrained
+    assert again.stdout.count("reusing") == 4, again.stdout  # tokenizer, codes, prior and classifier are not retrained
 
 
 TOK = ["--preset", "fashion-mnist", "--max-train-samples", "512", "--max-eval-samples", "64", "--train-batch-size", "16",

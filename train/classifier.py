@@ -65,7 +65,7 @@ class ClassifierStage:
         cfg = model.config
         return dict(
             title="vqgpt reference classifier",
-            summary=(f"A residual CNN classifying {cfg.in_channels}-channel {cfg.image_size[0]}x{cfg.image_size[1]} images into "
+            summary=(f"A VGG-style CNN classifying {cfg.in_channels}-channel {cfg.image_size[0]}x{cfg.image_size[1]} images into "
                      f"{cfg.num_classes} classes, trained by vqgpt. Its {cfg.feature_dim}-dimensional pooled features are the "
                      "feature space of vqgpt's offline Fréchet distance and precision/recall; its predictions give class accuracy."),  # fmt: skip
             dataset=self.data_args.dataset,
