@@ -110,6 +110,9 @@ def run_main(main) -> None:
 
     ``VQGPT_DEBUG=1`` lets them raise with their traceback instead, for bug reports.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: a command's stderr is its own messages and errors
     try:
         main()
     except (UserError, ValueError, FileNotFoundError, OSError) as e:

@@ -37,6 +37,8 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 class Classifier(nn.Module, HubMixin, library_name="vqgpt", tags=["vqgpt", "image-classification"]):
     """Images (B, C, H, W) in [-1, 1] -> class logits; :meth:`features` gives the evaluation's embedding."""
 
+    model_kind = "classifier"
+
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config

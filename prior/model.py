@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+
+from common.hub import resolve_model
 
 from .layout import TokenLayout
 
@@ -121,9 +122,7 @@ def architecture(config: PretrainedConfig) -> str:
 
 def load_prior(path: str, **kwargs):
     """A saved prior folder or Hub id (GPT-2 or Llama) -> (model in eval mode, its PriorInfo)."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json; expected a prior folder written by train.prior")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(path, "prior"), **kwargs)
     return model.eval(), PriorInfo.from_config(model.config)
 
 

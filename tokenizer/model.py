@@ -127,6 +127,8 @@ class VQVAE(
 ):
     """VQ-VAE image tokenizer. Images are float (B, C, H, W) in [-1, 1]; H and W divisible by f."""
 
+    model_kind = "tokenizer"
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 from tokenizer import VQVAE
 from common.data import (DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
                         load_image_data, model_input)  # fmt: skip
-from common.cli import parse_args, run_main
+from common.cli import option, parse_args, run_main
 
 META_FILE = "vqgpt_codes.json"
 
 
 @dataclass
 class EncodeArguments:
-    tokenizer: str = field(default=None, metadata={"help": "Tokenizer folder (train.tokenizer output) or Hub id."})
-    output_dir: str = field(default="runs/codes", metadata={"help": "Where the DatasetDict is written."})
-    batch_size: int = field(default=1024, metadata={"help": "Images per forward pass."})
-    overwrite: bool = field(default=False, metadata={"help": "Re-encode even if output_dir holds codes."})
+    tokenizer: str = option(None, "Tokenizer folder (train.tokenizer output) or Hub id.")
+    output_dir: str = option("runs/codes", "Where the DatasetDict is written.")
+    batch_size: int = option(1024, "Images per forward pass.", domain="positive")
+    overwrite: bool = option(False, "Re-encode even if output_dir holds codes.")
 
 
 def tokenizer_reference(ref: str) -> str:
