@@ -29,7 +29,7 @@ class TokenizerArguments:
     channels: int | None = option(None, "Override the preset's base width.", domain="positive")
     dead_threshold: float | None = option(None, "Override the dead-code threshold (0: no restarts).", domain="non-negative")  # fmt: skip
     num_grid_images: int = option(16, "Test images in the reconstruction grid.", domain="positive")
-    channels_last: bool = option(False, "NHWC memory format for the convolutions (faster on GPUs with bf16).")
+    channels_last: bool = option(False, "NHWC memory format for the convolutions (measured 0.93x, slower, on an H100 in bf16: docs/gpu/).")
     classifier: str | None = option(None, "Reference classifier: evaluation then reports the reconstructions' Fréchet distance, precision, recall and class accuracy.")  # fmt: skip
     # Codebook options (in the quantizer; EMA, restarts and the distributed equivalence hold for all).
     codebook_dim: int | None = option(None, "Quantize in this many dimensions, through 1x1 projections (LlamaGen: 8).", domain="positive")  # fmt: skip
