@@ -46,8 +46,7 @@ def pil_codec(originals: np.ndarray, fmt: str, **kw) -> tuple[float, float]:
 
 def matched_quality(originals: np.ndarray, fmt: str, target_psnr: float) -> tuple[int, float, float]:
     """The lowest quality (1..100) whose mean PSNR reaches ``target_psnr``: (quality, bytes, PSNR)."""
-    lo, hi = 1, 100
-    best = (100, *pil_codec(originals, fmt, quality=100))
+    lo, hi, best = 1, 100, None
     while lo <= hi:
         q = (lo + hi) // 2
         size, p = pil_codec(originals, fmt, quality=q)
@@ -55,7 +54,7 @@ def matched_quality(originals: np.ndarray, fmt: str, target_psnr: float) -> tupl
             best, hi = (q, size, p), q - 1
         else:
             lo = q + 1
-    return best
+    return best or (100, *pil_codec(originals, fmt, quality=100))  # no quality reaches it: the best there is
 
 
 def main():

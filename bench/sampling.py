@@ -7,8 +7,6 @@ and the cost of classifier-free guidance (scale 2) against none (scale 1). Targe
 import sys
 import time
 
-import torch
-
 from bench.common import machine, report
 from prior import PriorInfo, build_prior
 from sample import ClassConditionalPipeline

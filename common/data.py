@@ -14,7 +14,7 @@ import hashlib
 import io
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -460,6 +460,14 @@ class ShuffledStream(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self._state = copy.deepcopy(state)
+
+
+def image_loaders(data: ImageData, transform: ImageTransform, args, data_args: DataArguments, accelerator):
+    """(training loader, evaluation loader) of an image stage: ``args`` gives the batch sizes and the seed,
+    ``accelerator`` this process's rank among ``num_processes``."""
+    train = training_loader(data, transform, args.train_batch_size, data_args, args.seed,
+                            accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    return train, image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)
 
 
 def training_loader(data: ImageData, transform: ImageTransform, batch_size: int, args: DataArguments, seed: int,

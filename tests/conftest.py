@@ -47,6 +47,18 @@ def accelerate_launch(target: str, *args: str, num_processes: int = 1, **kw) -> 
     return run([*launch, *target_args, *args], ACCELERATE_USE_CPU=1, **kw)
 
 
+def resumed_and_uninterrupted(module: str, args: list[str], tmp_path, steps: int, stop: int) -> tuple[dict, dict]:
+    """Train ``steps`` steps straight, and ``stop`` steps then resumed from the latest checkpoint to ``steps``:
+    the two final state dicts (full, split), for the caller's comparison."""
+    from safetensors.torch import load_file
+
+    python_m(module, *args, "--max-train-steps", str(steps), "--output-dir", str(tmp_path / "full"))
+    python_m(module, *args, "--max-train-steps", str(stop), "--output-dir", str(tmp_path / "split"))
+    python_m(module, *args, "--max-train-steps", str(steps), "--output-dir", str(tmp_path / "split"),
+             "--resume-from-checkpoint", "latest")  # fmt: skip
+    return load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+
+
 def last_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

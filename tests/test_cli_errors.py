@@ -15,7 +15,6 @@ import re
 import sys
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 

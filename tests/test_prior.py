@@ -3,14 +3,12 @@
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from conftest import PRIOR_ARGS, accelerate_launch, last_error_line, python_m
+from conftest import accelerate_launch, last_error_line, python_m, resumed_and_uninterrupted
 from common.data import FASHION_MNIST_CLASSES
 from prior import PriorInfo, TokenLayout, build_prior, generate_codes, load_prior, prior_loss
 from sample import ClassConditionalPipeline
@@ -85,11 +83,7 @@ def test_resume_from_latest_reproduces_the_uninterrupted_run(chain, tmp_path):
     args = ["--codes", str(chain["codes"]), "--preset", "tiny", "--train-batch-size", "64", "--max-eval-samples", "64",
             "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3", "--checkpointing-steps", "10",
             "--eval-steps", "100", "--dropout", "0.1", "--n-layer", "2"]  # fmt: skip
-    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "full"))
-    python_m("train.prior", *args, "--max-train-steps", "10", "--output-dir", str(tmp_path / "split"))
-    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "split"),
-             "--resume-from-checkpoint", "latest")  # fmt: skip
-    full, split = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    full, split = resumed_and_uninterrupted("train.prior", args, tmp_path, steps=20, stop=10)
     for k in full:
         assert torch.allclose(full[k], split[k], atol=1e-6), k
 
@@ -156,11 +150,7 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
             "--max-eval-samples", "100", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3",
             "--checkpointing-steps", "10", "--eval-steps", "100", "--dropout", "0.1",
             "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5"]  # fmt: skip
-    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "full"))
-    python_m("train.prior", *args, "--max-train-steps", "10", "--output-dir", str(tmp_path / "split"))
-    python_m("train.prior", *args, "--max-train-steps", "20", "--output-dir", str(tmp_path / "split"),
-             "--resume-from-checkpoint", "latest")  # fmt: skip
-    full, split = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    full, split = resumed_and_uninterrupted("train.prior", args, tmp_path, steps=20, stop=10)
     assert full.keys() == split.keys() and any("mlp.gate_proj" in k for k in full)  # SwiGLU
     for k in full:
         assert torch.allclose(full[k], split[k], atol=1e-6), k

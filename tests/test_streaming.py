@@ -5,10 +5,9 @@ import json
 import datasets
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from common.data import DataArguments, ImageTransform, load_image_data, stream_loader
-from conftest import accelerate_launch, python_m
+from conftest import accelerate_launch, resumed_and_uninterrupted
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +55,7 @@ def test_streamed_tokenizer_run_resumed_from_latest_matches_uninterrupted(train_
     args = ["--dataset", str(train_only), "--streaming", "--max-eval-samples", "40", "--shuffle-buffer", "64",
             "--preset", "tiny", "--train-batch-size", "32", "--checkpointing-steps", "6", "--eval-steps", "100",
             "--lr-warmup-steps", "2", "--logging-steps", "5"]  # fmt: skip
-    python_m("train.tokenizer", *args, "--max-train-steps", "14", "--output-dir", str(tmp_path / "full"))
-    python_m("train.tokenizer", *args, "--max-train-steps", "6", "--output-dir", str(tmp_path / "split"))
-    python_m("train.tokenizer", *args, "--max-train-steps", "14", "--output-dir", str(tmp_path / "split"),
-             "--resume-from-checkpoint", "latest")  # fmt: skip
-    full, split = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    full, split = resumed_and_uninterrupted("train.tokenizer", args, tmp_path, steps=14, stop=6)
     for k in full:
         assert torch.equal(full[k], split[k]), k
     # Two processes on uneven shards: each stream is endless, so neither waits for the other at an epoch's end.

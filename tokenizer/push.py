@@ -9,7 +9,6 @@ checkpoints or images, after checking that they load strictly.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from common.hub import push_folder
 from .model import VQVAE

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, ImageTransform, image_loader, load_image_data, training_loader
+from common.data import DataArguments, ImageTransform, image_loaders, load_image_data
 from evaluation.classifier import Classifier, ClassifierConfig
 from train.loop import TrainingArguments, make_accelerator, train
 
@@ -91,13 +91,10 @@ def main(argv=None):
     transform = ImageTransform(data.channels, data_args.resolution, size=data.size, convert=data_args.image_channels is not None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = Classifier(config)
-    train_loader = training_loader(data, transform, args.train_batch_size, data_args, args.seed,
-                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
-    eval_loader = image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)
+    train_loader, eval_loader = image_loaders(data, transform, args, data_args, accelerator)
     stage = ClassifierStage(data_args, model_args)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(data_args), **asdict(model_args)})  # fmt: skip
-    accelerator.print(f"classifier saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return model, metrics, stage
 
 

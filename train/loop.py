@@ -383,6 +383,7 @@ def train(accelerator: Accelerator, args: TrainingArguments, stage: Stage, model
     if not metrics:  # resumed at the very end: nothing was evaluated in this process yet
         metrics = evaluate_and_show()
     save_final(accelerator, args, stage, model, metrics)
+    accelerator.print(f"{stage.name} saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
         url = push_folder(args.output_dir, args.hub_model_id, private=args.hub_private)

@@ -178,7 +178,6 @@ def main(argv=None):
     stage = PriorStage(info, prior_args, tokenizer, meta.get("dataset", ""), evaluator)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(prior_args), "codes": codes_dir})  # fmt: skip
-    accelerator.print(f"prior saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return model, metrics, stage
 
 

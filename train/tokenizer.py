@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel as unwrap
 
 from common.cli import option, parse_args, run_main
-from common.data import DataArguments, image_loader, load_image_data, model_input, training_loader
+from common.data import DataArguments, image_loader, image_loaders, load_image_data, model_input
 from common.images import image_grid, psnr
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from tokenizer import PRESETS, VQVAE, get_config
@@ -167,9 +167,7 @@ def main(argv=None):
     transform, _, original = model_input(data, data_args, data.channels, config.downsample_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VQVAE(config).to(memory_format=torch.channels_last if model_args.channels_last else torch.contiguous_format)
-    train_loader = training_loader(data, transform, args.train_batch_size, data_args, args.seed,
-                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
-    eval_loader = image_loader(data.test, transform, args.eval_batch_size, shuffle=False, num_workers=data_args.num_workers)  # fmt: skip
+    train_loader, eval_loader = image_loaders(data, transform, args, data_args, accelerator)
     grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
     grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
     evaluator = None
@@ -180,7 +178,6 @@ def main(argv=None):
                            evaluator=evaluator, in_channels=data.channels)  # fmt: skip
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(data_args), **asdict(model_args)})  # fmt: skip
-    accelerator.print(f"tokenizer saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return model, metrics, stage
 
 
