@@ -1,12 +1,13 @@
 """Anomaly scores of images under a tokenizer and its prior: CSV, JSON and a histogram.
 
     python -m anomaly --prior runs/prior --input images/ --output-dir scores/
-    python -m anomaly --prior runs/prior-bags --dataset fashion_mnist --split test --normal-classes Bag --output-dir scores/
+    python -m anomaly --prior runs/prior-bags --dataset fashion_mnist --split test --normal-classes Bag --reference train --output-dir scores/
 
-writes OUTPUT_DIR/scores.csv (one row per image: id, label, nll, reconstruction, combined),
-OUTPUT_DIR/summary.json and OUTPUT_DIR/histogram.png. With --normal-classes (class names or ids of the
-dataset, or <class>/ folders of --input), every other class counts as anomalous and the summary gives
-each score's AUROC and the threshold at --fpr.
+writes OUTPUT_DIR/scores.csv (one row per image: id, label, nll, reconstruction, combined, and knn with
+--reference), OUTPUT_DIR/summary.json and OUTPUT_DIR/histogram.png (one panel per score). With
+--normal-classes (class names or ids of the dataset, or <class>/ folders of --input), every other class
+counts as anomalous and the summary gives each score's AUROC and the threshold at --fpr. --reference
+(a folder of normal images, or 'train': the training images of --normal-classes) adds the knn score.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, ImageTransform, class_ids, image_loader, load_image_data
+from common.data import DataArguments, class_ids, load_image_data, load_tensors
 from common.files import publish_dir, staging_dir
 
-from .scores import SCORES, AnomalyScorer, auroc, threshold_at_fpr
+from .scores import AnomalyScorer, auroc, threshold_at_fpr
 
 
 @dataclass
@@ -38,6 +39,8 @@ class AnomalyArguments:
     condition: str = option("null", "Score under the null class ('null'), each image's own class ('label', a cheat for evaluation), or one class name.")  # fmt: skip
     fpr: float = option(0.05, "False-positive rate at which the threshold is reported.", domain="fraction")
     sigma2: float | None = option(None, "Variance of the pixel model in 'combined'; default the tokenizer's test MSE.", domain="positive")  # fmt: skip
+    reference: str | None = option(None, "Normal images for the knn score: a folder, or 'train' (the training images of --normal-classes in --dataset).")  # fmt: skip
+    knn_k: int = option(5, "Nearest reference images averaged by the knn score.", domain="positive")
     output_dir: str = option("anomaly-scores", "Written whole at the end.")
 
     def validate(self) -> None:
@@ -45,23 +48,50 @@ class AnomalyArguments:
             raise UsageError("--prior is required: a train.prior output folder or a Hub id")
         if self.input is not None and not os.path.isdir(self.input):
             raise UsageError(f"--input {self.input!r}: expected a folder of images")
+        if self.reference == "train" and not self.normal_classes:
+            raise UsageError("--reference train: needs --normal-classes, the classes whose training images are normal")
+        if self.reference == "train" and self.input is not None:
+            raise UsageError("--reference train: takes the training split of --dataset; with --input, give a folder of normal images")  # fmt: skip
+        if self.reference not in (None, "train") and not os.path.isdir(self.reference):
+            raise UsageError(f"--reference {self.reference!r}: expected a folder of normal images or 'train'")
+
+
+def _folder(path: str, data_args: DataArguments, channels: int):
+    """A folder of images, scored whole (both of the splits load_image_data makes)."""
+    data = load_image_data(DataArguments(dataset=path, test_fraction=data_args.test_fraction, image_channels=channels))
+    return datasets.concatenate_datasets([data.train, data.test]), data
 
 
 def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
     """(images, labels as class ids, class names, ids)."""
     if args.input is not None:
-        data_args = DataArguments(dataset=args.input, test_fraction=data_args.test_fraction, image_channels=channels)
-        data = load_image_data(data_args)
-        ds = datasets.concatenate_datasets([data.train, data.test])  # a folder is scored whole
+        ds, data = _folder(args.input, data_args, channels)
     else:
         data = load_image_data(data_args)
         ds = data.test if args.split == "test" else data.train
-    images, labels = [], []
-    for b in image_loader(ds, ImageTransform(channels), 500, shuffle=False):
-        images.append(b["pixel_values"])
-        labels.append(b["labels"])
+    images, labels = load_tensors(ds, channels)
     ids = [os.path.relpath(v["path"], args.input) if args.input and v.get("path") else f"{args.split}/{i}" for i, v in enumerate(ds["image"])]  # fmt: skip
-    return torch.cat(images), torch.cat(labels), data.class_names, ids
+    return images, labels, data.class_names, ids
+
+
+def _reference(args: AnomalyArguments, data_args: DataArguments, channels: int) -> torch.Tensor:
+    """The normal images of the knn score: a folder, or the training images of --normal-classes."""
+    if args.reference != "train":
+        return load_tensors(_folder(args.reference, data_args, channels)[0], channels)[0]
+    data = load_image_data(data_args)
+    images, labels = load_tensors(data.train, channels)
+    keep = torch.as_tensor(sorted(class_ids(args.normal_classes, data.class_names, "--normal-classes")))
+    return images[torch.isin(labels, keep)]
+
+
+def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None) -> Image.Image:
+    """One histogram panel per score, stacked."""
+    units = {"nll": "bits", "reconstruction": "MSE per pixel", "combined": "bits", "knn": "latent distance"}
+    panels = [histogram(v, anomalous, f"{k} ({units[k]})") for k, v in scores.items()]
+    img = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    for i, p in enumerate(panels):
+        img.paste(p, (0, i * p.height))
+    return img
 
 
 def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins: int = 50) -> Image.Image:
@@ -101,30 +131,35 @@ def main(argv=None):
         conditions = torch.full((len(images),), prior_names.index(args.condition))
     else:
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
+    if args.reference:
+        reference = _reference(args, data_args, scorer.tokenizer.config.in_channels)
+        scorer.fit(reference, k=args.knn_k)
     scores = scorer.score(images, conditions)
     anomalous = None
     summary: dict = {"images": len(images), "prior": args.prior, "condition": args.condition, "sigma2": scorer.sigma2}
+    if args.reference:
+        summary.update(reference=args.reference, reference_images=len(reference), knn_k=args.knn_k)
     if args.normal_classes:
         normal = class_ids(args.normal_classes, names, "--normal-classes")
         anomalous = ~np.isin(labels.numpy(), sorted(normal))
         summary["normal_classes"] = [names[i] for i in sorted(normal)]
-        for k in SCORES:
+        for k in scores:
             threshold, tpr, fpr = threshold_at_fpr(scores[k], anomalous, args.fpr)
             summary[k] = {"auroc": auroc(scores[k], anomalous), "threshold": threshold, "tpr_at_fpr": tpr, "fpr": fpr}
     tmp = staging_dir(args.output_dir)
     with open(os.path.join(tmp, "scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "label", *SCORES])
+        writer.writerow(["id", "label", *scores])
         for i in range(len(images)):
             label = names[int(labels[i])] if names and labels[i] >= 0 else ""
-            writer.writerow([ids[i], label, *(f"{scores[k][i]:.6g}" for k in SCORES)])
+            writer.writerow([ids[i], label, *(f"{v[i]:.6g}" for v in scores.values())])
     with open(os.path.join(tmp, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    histogram(scores["combined"], anomalous, "combined score (bits)").save(os.path.join(tmp, "histogram.png"))
+    histograms(scores, anomalous).save(os.path.join(tmp, "histogram.png"))
     publish_dir(tmp, args.output_dir)
     print(f"scored {len(images)} images -> {args.output_dir}/scores.csv, summary.json, histogram.png")
     if anomalous is not None:
-        for k in SCORES:
+        for k in scores:
             s = summary[k]
             print(f"  {k:14s} AUROC {s['auroc']:.4f}; at FPR {s['fpr']:.3f}: threshold {s['threshold']:.5g}, TPR {s['tpr_at_fpr']:.3f}")
 

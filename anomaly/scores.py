@@ -7,6 +7,11 @@
   given the codes under a Gaussian whose variance is the tokenizer's mean squared error on normal data,
   ``nll + SSE / (2 sigma^2 ln 2)`` (the constant ``N/2 log2(2 pi sigma^2)`` is the same for every image and
   dropped). Both terms are bits of the same description, so neither needs a hand-set weight.
+- ``knn``: the mean Euclidean distance from the image's encoder latent (the tokenizer's continuous output
+  before quantization, flattened) to its ``k`` nearest latents among reference images known to be normal
+  (``fit``), as deep nearest-neighbour anomaly detection does with a learned feature space (Bergman,
+  Cohen & Hoshen 2020). Only present once the scorer has a reference; score images outside it (an image
+  of the reference is at distance zero from itself).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from common.cli import UserError
 from prior import bits, load_prior, prior_loss
 from tokenizer import VQVAE
 
-SCORES = ("nll", "reconstruction", "combined")
+SCORES = ("nll", "reconstruction", "combined", "knn")
 
 
 class AnomalyScorer:
@@ -31,6 +36,8 @@ class AnomalyScorer:
     def __init__(self, tokenizer: VQVAE, prior, info, sigma2: float):
         info.check_tokenizer(tokenizer)
         self.tokenizer, self.prior, self.info, self.sigma2 = tokenizer.eval(), prior.eval(), info, sigma2
+        self.reference: torch.Tensor | None = None  # (N, D*h*w) latents of normal images, from fit()
+        self.k = 5
 
     @classmethod
     def from_pretrained(cls, prior_path: str, tokenizer: str | None = None, sigma2: float | None = None) -> AnomalyScorer:
@@ -52,15 +59,31 @@ class AnomalyScorer:
         return next(self.prior.parameters()).device
 
     @torch.inference_mode()
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        self.tokenizer.check_images(x)
+        return self.tokenizer.encoder(x.to(self.device))
+
+    @torch.inference_mode()
+    def fit(self, normal_images: torch.Tensor, k: int = 5, batch_size: int = 500) -> AnomalyScorer:
+        """Keep the encoder latents of ``normal_images`` (N, C, H, W) as the reference of the ``knn`` score."""
+        if not 1 <= k <= len(normal_images):
+            raise UserError(f"knn: k={k} needs between 1 and the {len(normal_images)} reference images")
+        chunks = [self._latents(normal_images[i : i + batch_size]).flatten(1) for i in range(0, len(normal_images), batch_size)]  # fmt: skip
+        self.reference, self.k = torch.cat(chunks), k
+        return self
+
+    @torch.inference_mode()
     def score(self, images: torch.Tensor, conditions: torch.Tensor | None = None, batch_size: int = 500) -> dict[str, np.ndarray]:
-        """Per-image scores: {'nll': bits per image, 'reconstruction': MSE per pixel, 'combined': bits}.
+        """Per-image scores: {'nll': bits per image, 'reconstruction': MSE per pixel, 'combined': bits,
+        and after ``fit``, 'knn': latent distance}.
 
         ``conditions`` (N,): the class to score each image under (-1 or None: the null class).
         """
-        out = {k: [] for k in SCORES}
+        out = {k: [] for k in SCORES if k != "knn" or self.reference is not None}
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(self.device)
-            codes = self.tokenizer.encode(x)  # (B, h, w)
+            z = self._latents(x)
+            codes = self.tokenizer.quantizer.nearest_grid(z)  # (B, h, w), as tokenizer.encode
             recon = self.tokenizer.decode(codes)
             sse = ((recon.float() - x.float()) ** 2).flatten(1).sum(1)
             cond = torch.full((len(x),), -1) if conditions is None else torch.as_tensor(conditions[start : start + batch_size])
@@ -69,6 +92,9 @@ class AnomalyScorer:
             out["nll"].append(nll.cpu())
             out["reconstruction"].append((sse / x[0].numel()).cpu())
             out["combined"].append((nll + sse / (2 * self.sigma2 * math.log(2))).cpu())
+            if self.reference is not None:
+                nearest = torch.cdist(z.flatten(1).float(), self.reference.float()).topk(self.k, dim=1, largest=False)
+                out["knn"].append(nearest.values.mean(1).cpu())
         return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
 

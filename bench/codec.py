@@ -22,7 +22,7 @@ from PIL import Image
 
 from bench.common import machine, report
 from codec import Codec
-from common.data import DataArguments, ImageTransform, image_loader, load_image_data
+from common.data import DataArguments, load_image_data, load_tensors
 from common.images import to_pil
 
 
@@ -67,8 +67,8 @@ def main():
     print(f"machine: {machine()}")
     codec = Codec.from_pretrained(args.prior)
     data = load_image_data(DataArguments(max_eval_samples=args.limit))
-    batches = list(image_loader(data.test, ImageTransform(codec.tokenizer.config.in_channels), 500, shuffle=False))
-    images, labels = torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches]).tolist()
+    images, labels = load_tensors(data.test, codec.tokenizer.config.in_channels)
+    labels = labels.tolist()
     originals = np.stack([np.asarray(im) for im in to_pil(images)])
     n, grid = len(images), codec.grid(tuple(images.shape[-2:]))
     raw = originals[0].size  # bytes of one image's 8-bit pixels

@@ -402,6 +402,12 @@ def image_loader(ds: datasets.Dataset, transform: ImageTransform, batch_size: in
     )  # fmt: skip
 
 
+def load_tensors(ds: datasets.Dataset, channels: int, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (map-style) split in memory: images (N, C, H, W) in [-1, 1] and labels (N,), in order."""
+    batches = list(image_loader(ds, ImageTransform(channels), batch_size, shuffle=False))
+    return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
+
+
 # ---------------------------------------------------------------- streams larger than the disk
 
 

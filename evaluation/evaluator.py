@@ -19,7 +19,7 @@ import datasets
 import torch
 
 from common.cli import UserError
-from common.data import DataArguments, ImageData, ImageTransform, column, image_loader, load_image_data
+from common.data import DataArguments, ImageData, ImageTransform, column, image_loader, load_image_data, load_tensors
 
 from .classifier import Classifier
 from .features import ClassifierSpace
@@ -182,5 +182,4 @@ def load_sample_folder(path: str, class_names: list[str], channels: int) -> tupl
     labels = torch.tensor([class_names.index(w) if w in class_names else -1 for w in wanted])
     ds = ds.cast_column("image", datasets.Image(decode=False)).add_column("__label", labels.tolist())
     ds = ds.select_columns(["image", "__label"]).rename_column("__label", "label")
-    batches = [b["pixel_values"] for b in image_loader(ds, ImageTransform(channels), 500, shuffle=False)]
-    return torch.cat(batches), labels
+    return load_tensors(ds, channels)[0], labels

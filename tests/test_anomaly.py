@@ -8,8 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from anomaly import auroc, threshold_at_fpr
+import torch
+
+from anomaly import SCORES, AnomalyScorer, auroc, threshold_at_fpr
 from common.cli import UserError
+from common.data import DataArguments, load_image_data, load_tensors
 from conftest import python_m
 
 
@@ -53,13 +56,31 @@ def test_held_out_class_scores_higher(tmp_path):
              "--learning-rate", "3e-3", "--lr-warmup-steps", "10", "--eval-steps", "120", "--samples-per-class", "1",
              "--output-dir", str(prior))  # fmt: skip
     proc = python_m("anomaly", "--prior", str(prior), "--dataset", "fashion_mnist", "--max-eval-samples", "1500",
-                    "--normal-classes", "Trouser", "--output-dir", str(out))  # fmt: skip
+                    "--normal-classes", "Trouser", "--reference", "train", "--max-train-samples", "12000",
+                    "--output-dir", str(out))  # fmt: skip
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 1500 and (out / "histogram.png").stat().st_size > 0
-    for score in ("nll", "reconstruction", "combined"):
+    for score in SCORES:
         normal = np.mean([float(r[score]) for r in rows if r["label"] == "Trouser"])
         for held_out in ("Sneaker", "Bag"):
             assert np.mean([float(r[score]) for r in rows if r["label"] == held_out]) > normal, (score, held_out)
     summary = json.load(open(out / "summary.json"))
-    assert summary["combined"]["auroc"] > 0.8, summary
+    assert summary["combined"]["auroc"] > 0.8 and summary["knn"]["auroc"] > 0.8, summary
+    trousers = sum(r["label"] == "Trouser" for r in rows)
+    assert summary["reference_images"] > 1000 and 0 < trousers < 1500  # the training trousers only
     assert "AUROC" in proc.stdout
+
+    # knn against its definition: distances from encoder latents, brute force, on test images.
+    scorer = AnomalyScorer.from_pretrained(str(prior))
+    data = load_image_data(DataArguments(max_train_samples=2000, max_eval_samples=40))
+    reference, _ = load_tensors(data.train, 1)
+    images, _ = load_tensors(data.test, 1)
+    got = scorer.fit(reference, k=3).score(images)["knn"]
+    with torch.inference_mode():
+        z_ref, z = (scorer.tokenizer.encoder(x).flatten(1).double() for x in (reference, images))
+    d = ((z[:, None, :] - z_ref[None, :, :]) ** 2).sum(-1).sqrt()
+    np.testing.assert_allclose(got, d.sort(1).values[:, :3].mean(1).numpy(), rtol=1e-4)
+    itself = scorer.fit(images, k=1).score(images)["knn"]  # an image of the reference: at zero, up to cdist's matmul rounding
+    assert itself.max() < 0.01 * got.min(), (itself.max(), got.min())
+    with pytest.raises(UserError, match="k=41"):
+        scorer.fit(images, k=41)

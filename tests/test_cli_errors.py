@@ -91,6 +91,10 @@ ROWS = [
     ("anomaly", ["--prior", "{clf}"], 1, ["holds a classifier", "not a prior"]),
     ("anomaly", ["--prior", "{prior}", "--max-eval-samples", "20", "--normal-classes", "Unicorn"], 1, ["--normal-classes", "Unicorn"]),
     ("anomaly", ["--prior", "{prior}", "--max-eval-samples", "20", "--condition", "Unicorn"], 2, ["--condition", "Unicorn"]),
+    ("anomaly", ["--prior", "{prior}", "--reference", "train"], 2, ["--reference train", "--normal-classes"]),
+    ("anomaly", ["--prior", "{prior}", "--reference", "{out}/nowhere"], 2, ["--reference", "nowhere"]),
+    ("anomaly", ["--prior", "{prior}", "--knn-k", "0"], 2, ["--knn-k", "0"]),
+    ("anomaly", ["--prior", "{prior}", "--input", "{empty}", "--normal-classes", "0", "--reference", "train"], 2, ["--reference train", "--input"]),  # fmt: skip
     # the demo
     ("demo.py", ["--tokenizer-steps", "0"], 2, ["--tokenizer-steps", "0"]),
     ("demo.py", ["--preset", "huge"], 2, ["--preset", "huge"]),
