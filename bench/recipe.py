@@ -39,6 +39,7 @@ TOKENIZERS = {
     "rotation": ["--rotation-trick"],
     "k1024": ["--num-codes", "1024"],
     "k256": ["--num-codes", "256"],
+    "grid14": ["--num-downsamples", "1"],  # 14x14 codes of a 28 px image: 4x the tokens of the presets' 7x7
 }
 # name -> (tokenizer row, options of train.prior beyond the common ones: fashion-mnist preset, batch 128).
 PRIORS = {
@@ -52,9 +53,11 @@ PRIORS = {
     "llama": ("mse", ["--max-train-steps", "1600", "--arch", "llama"]),
     "wide": ("mse", ["--max-train-steps", "1600", "--n-embd", "256", "--n-head", "8"]),
     "small-fast": ("mse", ["--max-train-steps", "1600", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
+    "small-800": ("mse", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),  # the demo's steps
     "dropout0.1": ("mse", ["--max-train-steps", "3200", "--dropout", "0.1"]),
     "k256": ("k256", ["--max-train-steps", "1600"]),
     "k1024": ("k1024", ["--max-train-steps", "1600"]),
+    "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior
     "default": [dict()],  # the pipeline's defaults
@@ -146,7 +149,7 @@ def main():
     classifier = Classifier.from_pretrained(args.classifier).to(args.device).eval()
     evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset="fashion_mnist"), classifier=classifier)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n]  # noqa: E731
+    pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n and n != "none"]  # noqa: E731
     with open(args.rows_file or os.path.join(args.out, "rows.jsonl"), "a") as log:
         for name in pick(args.tokenizers, TOKENIZERS):
             tok, minutes = train_tokenizer(args.out, name, extra)

@@ -28,6 +28,7 @@ ROWS = [
     # train.tokenizer: options outside their domain, unusable data, wrong model folders
     ("train.tokenizer", ["--max-train-steps", "0"], 2, ["--max-train-steps", "0", "positive"]),
     ("train.tokenizer", ["--preset", "huge"], 2, ["--preset", "huge", "fashion-mnist"]),
+    ("train.tokenizer", ["--num-downsamples", "0"], 2, ["--num-downsamples", "0", "positive"]),
     ("train.tokenizer", ["--learning-rate", "-1"], 2, ["--learning-rate", "-1"]),
     ("train.tokenizer", ["--disc-weight", "-0.5"], 2, ["--disc-weight", "-0.5"]),
     ("train.tokenizer", ["--pixel-loss", "l3"], 2, ["--pixel-loss", "l3"]),

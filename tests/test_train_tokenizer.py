@@ -98,3 +98,21 @@ def test_bf16_mixed_precision_trains_and_keeps_a_float32_codebook(tmp_path):
     weights = _weights(out)
     assert weights["quantizer.codebook"].dtype == torch.float32 and torch.isfinite(weights["quantizer.codebook"]).all()
     assert json.loads((out / "metrics.json").read_text())["psnr"] > 0
+
+
+def test_finer_code_grid_runs_through_the_chain(tmp_path):
+    """--num-downsamples 1: 14x14 codes of 28 px images, encoded, modelled by a prior and sampled back."""
+    from sample import ClassConditionalPipeline
+
+    tok, codes, prior = (tmp_path / k for k in ("tok", "codes", "prior"))
+    limits = ["--max-train-samples", "256", "--max-eval-samples", "64"]
+    python_m("train.tokenizer", "--preset", "tiny", "--num-downsamples", "1", *limits, "--train-batch-size", "32",
+             "--max-train-steps", "4", "--eval-steps", "4", "--output-dir", str(tok))  # fmt: skip
+    model = VQVAE.from_pretrained(str(tok))
+    assert model.config.num_downsamples == 1 and model.encode(torch.zeros(2, 1, 28, 28)).shape == (2, 14, 14)
+    python_m("train.encode", "--tokenizer", str(tok), *limits, "--output-dir", str(codes))
+    assert json.loads((codes / "vqgpt_codes.json").read_text())["grid"] == [14, 14]
+    python_m("train.prior", "--codes", str(codes), "--preset", "tiny", "--train-batch-size", "16", "--max-train-steps", "3",
+             "--eval-steps", "3", "--samples-per-class", "1", "--output-dir", str(prior))  # fmt: skip
+    images = ClassConditionalPipeline.from_pretrained(str(prior))([0, 3], seed=0)
+    assert images.shape == (2, 1, 28, 28)

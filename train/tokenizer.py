@@ -27,6 +27,7 @@ class TokenizerArguments:
     num_codes: int | None = option(None, "Override the preset's K.", domain="positive")
     code_dim: int | None = option(None, "Override the preset's D.", domain="positive")
     channels: int | None = option(None, "Override the preset's base width.", domain="positive")
+    num_downsamples: int | None = option(None, "Override the preset's stride-2 steps: the code grid is the image size / 2**N (presets: 2).", domain="positive")  # fmt: skip
     dead_threshold: float | None = option(None, "Override the dead-code threshold (0: no restarts).", domain="non-negative")  # fmt: skip
     num_grid_images: int = option(16, "Test images in the reconstruction grid.", domain="positive")
     channels_last: bool = option(False, "NHWC memory format for the convolutions (measured 0.93x, slower, on an H100 in bf16: docs/gpu/).")
@@ -161,7 +162,7 @@ def main(argv=None):
     with accelerator.main_process_first():
         data = load_image_data(data_args, seed=args.seed)
     config = get_config(model_args.preset, in_channels=data.channels, num_codes=model_args.num_codes,
-                        code_dim=model_args.code_dim, channels=model_args.channels,
+                        code_dim=model_args.code_dim, channels=model_args.channels, num_downsamples=model_args.num_downsamples,
                         dead_threshold=model_args.dead_threshold, seed=args.seed, codebook_dim=model_args.codebook_dim,
                         l2_codes=model_args.l2_codes or None, rotation_trick=model_args.rotation_trick or None)  # fmt: skip
     transform, _, original = model_input(data, data_args, data.channels, config.downsample_factor)
