@@ -63,7 +63,7 @@ def _folder(path: str, data_args: DataArguments, channels: int):
 
 
 def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
-    """(images, labels as class ids, class names, ids)."""
+    """(images, labels as class ids, the loaded data, ids)."""
     if args.input is not None:
         ds, data = _folder(args.input, data_args, channels)
     else:
@@ -71,17 +71,16 @@ def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
         ds = data.test if args.split == "test" else data.train
     images, labels = load_tensors(ds, channels)
     ids = [os.path.relpath(v["path"], args.input) if args.input and v.get("path") else f"{args.split}/{i}" for i, v in enumerate(ds["image"])]  # fmt: skip
-    return images, labels, data.class_names, ids
+    return images, labels, data, ids
 
 
-def _reference(args: AnomalyArguments, data_args: DataArguments, channels: int) -> torch.Tensor:
-    """The normal images of the knn score: a folder, or the training images of --normal-classes."""
+def _reference(args: AnomalyArguments, data_args: DataArguments, channels: int, data) -> torch.Tensor:
+    """The normal images of the knn score: a folder, or the training images of --normal-classes in ``data``
+    (only those are decoded)."""
     if args.reference != "train":
         return load_tensors(_folder(args.reference, data_args, channels)[0], channels)[0]
-    data = load_image_data(data_args)
-    images, labels = load_tensors(data.train, channels)
-    keep = torch.as_tensor(sorted(class_ids(args.normal_classes, data.class_names, "--normal-classes")))
-    return images[torch.isin(labels, keep)]
+    keep = class_ids(args.normal_classes, data.class_names, "--normal-classes")
+    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), channels)[0]
 
 
 def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None) -> Image.Image:
@@ -119,7 +118,8 @@ def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins
 def main(argv=None):
     args, data_args = parse_args((AnomalyArguments, DataArguments), argv)
     scorer = AnomalyScorer.from_pretrained(args.prior, args.tokenizer, args.sigma2)
-    images, labels, names, ids = _load(args, data_args, scorer.tokenizer.config.in_channels)
+    images, labels, data, ids = _load(args, data_args, scorer.tokenizer.config.in_channels)
+    names = data.class_names
     prior_names = scorer.info.class_names
     if args.condition == "null":
         conditions = None
@@ -132,7 +132,7 @@ def main(argv=None):
     else:
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
     if args.reference:
-        reference = _reference(args, data_args, scorer.tokenizer.config.in_channels)
+        reference = _reference(args, data_args, scorer.tokenizer.config.in_channels, data)
         scorer.fit(reference, k=args.knn_k)
     scores = scorer.score(images, conditions)
     anomalous = None

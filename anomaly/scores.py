@@ -93,9 +93,13 @@ class AnomalyScorer:
             out["reconstruction"].append((sse / x[0].numel()).cpu())
             out["combined"].append((nll + sse / (2 * self.sigma2 * math.log(2))).cpu())
             if self.reference is not None:
-                nearest = torch.cdist(z.flatten(1).float(), self.reference.float()).topk(self.k, dim=1, largest=False)
-                out["knn"].append(nearest.values.mean(1).cpu())
+                out["knn"].append(knn_distance(z.flatten(1), self.reference, self.k).cpu())
         return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def knn_distance(x: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance from each row of ``x`` (B, F) to its ``k`` nearest rows of ``reference`` (N, F)."""
+    return torch.cdist(x.float(), reference.float()).topk(k, dim=1, largest=False).values.mean(1)
 
 
 def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:

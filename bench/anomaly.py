@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from anomaly import SCORES, AnomalyScorer, auroc
+from anomaly import SCORES, AnomalyScorer, auroc, knn_distance
 from bench.common import machine, report
 from common.data import FASHION_MNIST_CLASSES, DataArguments, load_image_data, load_tensors
 
@@ -75,7 +75,7 @@ def main():
         anomalous = (labels != c).numpy()
         # The same nearest-neighbour rule on raw pixels, no model: what the tokenizer's latent space adds.
         normal = train_images[train_labels == c].flatten(1)
-        pixel_knn = torch.cat([torch.cdist(x.flatten(1), normal).topk(args.knn_k, dim=1, largest=False).values.mean(1) for x in images.split(1000)])  # fmt: skip
+        pixel_knn = torch.cat([knn_distance(x.flatten(1), normal, args.knn_k) for x in images.split(1000)])
         scores[PIXEL_KNN] = pixel_knn.double().numpy()
         results[c] = {k: 100 * auroc(scores[k], anomalous) for k in COLUMNS}
         print(f"class {c} ({FASHION_MNIST_CLASSES[c]}): " + ", ".join(f"{k} {v:.1f}" for k, v in results[c].items())

@@ -23,7 +23,7 @@ import time
 import torch
 
 from bench.common import machine
-from common.data import DataArguments, ImageTransform, column, image_loader
+from common.data import DataArguments, column, load_tensors
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from sample import ClassConditionalPipeline
 from tokenizer import VQVAE
@@ -113,8 +113,7 @@ def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Te
     """The first ``per_class`` test images of every class: the real counterpart of a sample set."""
     labels = torch.as_tensor(column(evaluator.data.test, "label"))
     pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)])
-    batch = next(iter(image_loader(evaluator.data.test.select(pick.tolist()), ImageTransform(1), len(pick), shuffle=False)))
-    return batch["pixel_values"], batch["labels"]
+    return load_tensors(evaluator.data.test.select(pick.tolist()), 1)
 
 
 def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int):

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import IMAGE_EXTENSIONS, DataArguments, ImageTransform, image_loader, load_image_data
+from common.data import IMAGE_EXTENSIONS, DataArguments, ImageTransform, load_image_data, load_tensors
 from common.files import atomic_write_bytes, publish_dir, staging_dir
 from common.images import to_pil
 
@@ -73,12 +73,8 @@ def _inputs(args: CodecArguments, data_args: DataArguments, codec: Codec):
     if args.input is None:  # a dataset split
         data = load_image_data(data_args)
         ds = data.test if args.split == "test" else data.train
-        images, labels = [], []
-        for b in tqdm(image_loader(ds, ImageTransform(channels), args.batch_size, shuffle=False), desc="read", unit="batch"):
-            images.append(b["pixel_values"])
-            labels.append(b["labels"])
-        labels = torch.cat(labels).tolist() if data.class_names == names_known else [-1] * sum(len(i) for i in images)
-        return torch.cat(images), labels, None
+        images, labels = load_tensors(ds, channels, args.batch_size)
+        return images, (labels.tolist() if data.class_names == names_known else [-1] * len(images)), None
     root = args.input
     files = _image_files(root)
     transform = ImageTransform(channels)
