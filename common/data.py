@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import datasets
@@ -141,13 +142,34 @@ def _load_source(args: DataArguments) -> DatasetDict | datasets.Dataset | datase
             return _as_stream(local) if args.streaming else local
         if not _has_images(src):
             raise DataError(f"dataset folder {src} contains no images; expected root/<class>/*.png (imagefolder) or a save_to_disk folder")  # fmt: skip
-        return datasets.load_dataset("imagefolder", data_dir=src, streaming=args.streaming)
+        dd = datasets.load_dataset("imagefolder", data_dir=src, streaming=args.streaming)
+        _warn_dropped_labels(src, dd)
+        return dd
     if os.path.exists(src):
         raise DataError(f"dataset {src} is a file; expected a folder, a Hub dataset id or 'fashion_mnist'")
     try:
         return datasets.load_dataset(src, args.dataset_config, streaming=args.streaming)
     except Exception as e:  # offline, unknown id, ...: one line, naming the id
         raise DataError(f"cannot load dataset {src!r} from the Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
+
+
+def _warn_dropped_labels(root: str, dd) -> None:
+    """datasets' imagefolder takes labels from folder names only when every image lies at the same depth
+    below its split folder; otherwise it drops them without a word (a class named "T-shirt/top" written as
+    a path does it). Say so, naming an image at each of two depths."""
+    if "label" in (next(iter(dd.values())).features or {}):
+        return
+    by_depth: dict[int, str] = {}
+    for folder, _, files in os.walk(root):
+        parts = [] if folder == root else os.path.relpath(folder, root).split(os.sep)
+        depth = len(parts) - (1 if parts and parts[0] in dd else 0)
+        for f in files:
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                by_depth.setdefault(depth, os.path.join(folder, f))
+    if len(by_depth) > 1:
+        shallow, deep = by_depth[min(by_depth)], by_depth[max(by_depth)]
+        print(f"warning: {root} loaded without labels: its images lie at different folder depths ({shallow}, {deep}), "
+              "and datasets' imagefolder then reads no classes; put every image at <root>/<class>/<file>", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _as_stream(local: DatasetDict | datasets.Dataset) -> datasets.IterableDatasetDict:

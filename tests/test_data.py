@@ -117,3 +117,48 @@ def test_rgb_folder_trains_an_rgb_tokenizer_at_another_size(tmp_path, fashion):
     assert model.config.in_channels == 3
     assert model.encode(batch["pixel_values"]).shape == (4, 8, 8)
     assert model.decode(model.encode(batch["pixel_values"])).shape == (4, 3, 32, 32)
+
+
+def test_emoji_set_is_a_labelled_rgb_imagefolder(tmp_path):
+    """bench/emoji.py renders real colour glyphs (no notdef boxes) that load as 3-channel images with their
+    Unicode group as class; the skin-tone variants of one emoji never straddle train and test."""
+    from bench.emoji import build
+
+    root = tmp_path / "emoji"
+    summary = build(str(root), size=32, limit=10)
+    data = load_image_data(DataArguments(dataset=str(root)))
+    assert data.channels == 3 and data.size == (32, 32)
+    assert data.class_names == sorted(summary["train"]) and len(data.class_names) == 9
+    assert (len(data.train), len(data.test)) == (sum(summary["train"].values()), sum(summary["test"].values()))
+    assert summary["skipped_missing_glyphs"] == 0 and set(summary["test"]) == set(summary["train"])
+    x = _first_batch(data, 64)["pixel_values"]
+    assert x.shape == (64, 3, 32, 32)
+    assert (x.flatten(1).std(1) > 0.1).all()  # a glyph on every image, none blank
+    colour = (x.max(1).values - x.min(1).values).amax((1, 2))  # most in colour (the family silhouettes are grey)
+    assert (colour > 0.5).float().mean() > 0.75
+
+    def bases(split):  # file name -> code points without the skin-tone modifiers U+1F3FB..U+1F3FF
+        return {"-".join(c for c in p.stem.split("-") if c not in {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
+                for p in (root / split).glob("*/*.png")}  # fmt: skip
+
+    train_bases, test_bases = bases("train"), bases("test")
+    assert test_bases and not train_bases & test_bases
+    assert any(len(p.stem.split("-")) > 1 for p in (root / "train" / "people-and-body").glob("*.png"))  # variants kept
+
+
+def test_folder_whose_labels_datasets_drops_is_named(tmp_path, fashion, capsys):
+    """A class folder one level deeper than the others ("T-shirt/top" written as a path) makes datasets'
+    imagefolder drop every label without a word; the loader says so, naming an image at each depth."""
+    root = tmp_path / "mixed"
+    _write_imagefolder(root, fashion, per_class=4)
+    nested = root / "T-shirt" / "top"
+    nested.mkdir(parents=True)
+    (root / "Bag" / "0.png").rename(nested / "0.png")
+    data = load_image_data(DataArguments(dataset=str(root)))
+    assert data.class_names == []
+    err = capsys.readouterr().err
+    assert "loaded without labels" in err and str(nested / "0.png") in err
+
+    _write_imagefolder(tmp_path / "even", fashion, per_class=4, split="train")
+    assert load_image_data(DataArguments(dataset=str(tmp_path / "even"))).class_names == ["Bag", "Sneaker", "Trouser"]
+    assert "without labels" not in capsys.readouterr().err
