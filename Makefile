@@ -26,6 +26,11 @@ data:
 		echo "installing Debian package dataset-fashion-mnist"; \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
+	@# The RGB set of bench/emoji.py (and its test): a colour font and Unicode's emoji groups.
+	@if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || [ ! -f /usr/share/unicode/emoji/emoji-test.txt ]; then \
+		echo "installing Debian packages fonts-noto-color-emoji unicode-data"; \
+		apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji unicode-data; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -9,6 +9,11 @@ accuracy, each beside its real-data floor). Rows go to OUT/rows.jsonl as they fi
     python -m bench.recipe --classifier runs/classifier --tokenizers all --priors all      # the sweep
     python -m bench.recipe --classifier runs/classifier --prior runs/demo/prior --sampling grid
     python -m bench.recipe --classifier runs/classifier --tokenizers mse --priors demo --smoke   # checks the script
+    python -m bench.recipe --dataset data/emoji --classifier runs/clf-emoji --out runs/recipe-emoji \
+        --tokenizers mse,adv,adv-adaptive,lowdim-l2,rotation --priors none   # the RGB rows (bench/emoji.py)
+
+Reconstructions are scored on the first ``--per-class`` test images of every class (all of them for a
+class that has fewer), against a floor of as many training images of each class.
 """
 
 from __future__ import annotations
@@ -79,26 +84,26 @@ def _run_stage(module, argv: list[str]) -> float:
     return (time.perf_counter() - t) / 60
 
 
-def train_tokenizer(out: str, name: str, extra: list[str]) -> tuple[str, float | None]:
+def train_tokenizer(out: str, name: str, extra: list[str], dataset: str = "fashion_mnist") -> tuple[str, float | None]:
     from train import encode, tokenizer
 
     tok, codes = os.path.join(out, f"tok-{name}"), os.path.join(out, f"codes-{name}")
     minutes = None
     if not os.path.exists(os.path.join(tok, "metrics.json")):
-        minutes = _run_stage(tokenizer, ["--preset", "fashion-mnist", "--max-train-steps", "1000", "--train-batch-size", "128",
+        minutes = _run_stage(tokenizer, ["--dataset", dataset, "--preset", "fashion-mnist", "--max-train-steps", "1000", "--train-batch-size", "128",
                                          "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--eval-steps", "100000",
                                          "--checkpointing-steps", "100000", "--logging-steps", "100", *TOKENIZERS[name],
                                          *extra, "--output-dir", tok])  # fmt: skip
     if not os.path.exists(os.path.join(codes, "vqgpt_codes.json")):
-        encode.main(["--tokenizer", tok, "--output-dir", codes, *(SMOKE_LIMITS if extra else [])])
+        encode.main(["--tokenizer", tok, "--dataset", dataset, "--output-dir", codes, *(SMOKE_LIMITS if extra else [])])
     return tok, minutes
 
 
-def train_prior(out: str, name: str, extra: list[str]) -> tuple[str, float | None]:
+def train_prior(out: str, name: str, extra: list[str], dataset: str = "fashion_mnist") -> tuple[str, float | None]:
     from train import prior
 
     tok_name, options = PRIORS[name]
-    _, _ = train_tokenizer(out, tok_name, extra)
+    _, _ = train_tokenizer(out, tok_name, extra, dataset)
     path = os.path.join(out, f"prior-{name}")
     minutes = None
     if not os.path.exists(os.path.join(path, "metrics.json")):
@@ -110,9 +115,10 @@ def train_prior(out: str, name: str, extra: list[str]) -> tuple[str, float | Non
 
 
 def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` test images of every class: the real counterpart of a sample set."""
+    """The first ``per_class`` test images of every class (all of a class that has fewer): the real
+    counterpart of a sample set."""
     labels = torch.as_tensor(column(evaluator.data.test, "label"))
-    pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)])
+    pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(evaluator.data.class_names))])
     return load_tensors(evaluator.data.test.select(pick.tolist()), 1)
 
 
@@ -132,6 +138,7 @@ def _log(log, record: dict) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--classifier", required=True)
+    p.add_argument("--dataset", default="fashion_mnist", help="what the rows train on and are scored against")
     p.add_argument("--out", default="runs/recipe")
     p.add_argument("--tokenizers", default="", help=f"'all' or a comma list of {list(TOKENIZERS)}")
     p.add_argument("--priors", default="", help=f"'all' or a comma list of {list(PRIORS)}")
@@ -146,19 +153,19 @@ def main():
     extra = SMOKE if args.smoke else []
     os.makedirs(args.out, exist_ok=True)
     classifier = Classifier.from_pretrained(args.classifier).to(args.device).eval()
-    evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset="fashion_mnist"), classifier=classifier)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
+    evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset=args.dataset), classifier=classifier)
+    labels = torch.arange(len(evaluator.data.class_names)).repeat_interleave(args.per_class)
     pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n and n != "none"]  # noqa: E731
     with open(args.rows_file or os.path.join(args.out, "rows.jsonl"), "a") as log:
         for name in pick(args.tokenizers, TOKENIZERS):
-            tok, minutes = train_tokenizer(args.out, name, extra)
+            tok, minutes = train_tokenizer(args.out, name, extra, args.dataset)
             r = recon_report(tok, evaluator, args.device, args.per_class)
             metrics = json.load(open(os.path.join(tok, "metrics.json")))
             print(f"tokenizer {name}: recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), PSNR {metrics['psnr']:.2f}, "
                   f"usage {metrics['codebook_usage']:.3f}, {minutes or 0:.1f} min", flush=True)  # fmt: skip
-            _log(log, {"kind": "tokenizer", "row": name, "options": TOKENIZERS[name], "minutes": minutes,
+            _log(log, {"kind": "tokenizer", "row": name, "dataset": args.dataset, "options": TOKENIZERS[name], "minutes": minutes,
                        "device": machine(), **{k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity")}, **r.to_dict()})  # fmt: skip
-        priors = [("given", args.prior, None)] if args.prior else [(n, *train_prior(args.out, n, extra)) for n in pick(args.priors, PRIORS)]  # fmt: skip
+        priors = [("given", args.prior, None)] if args.prior else [(n, *train_prior(args.out, n, extra, args.dataset)) for n in pick(args.priors, PRIORS)]  # fmt: skip
         for name, path, minutes in priors:
             pipe = ClassConditionalPipeline.from_pretrained(path, device=args.device)
             metrics = json.load(open(os.path.join(path, "metrics.json")))
