@@ -119,7 +119,7 @@ def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Te
     counterpart of a sample set."""
     labels = torch.as_tensor(column(evaluator.data.test, "label"))
     pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(evaluator.data.class_names))])
-    return load_tensors(evaluator.data.test.select(pick.tolist()), 1)
+    return load_tensors(evaluator.data.test.select(pick.tolist()), evaluator.data.channels)
 
 
 def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int):
