@@ -45,6 +45,7 @@ TOKENIZERS = {
     "k1024": ["--num-codes", "1024"],
     "k256": ["--num-codes", "256"],
     "grid14": ["--num-downsamples", "1"],  # 14x14 codes of a 28 px image: 4x the tokens of the presets' 7x7
+    "grid14-k1024": ["--num-downsamples", "1", "--num-codes", "1024"],
 }
 # name -> (tokenizer row, options of train.prior beyond the common ones: fashion-mnist preset, batch 128).
 PRIORS = {
