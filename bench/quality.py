@@ -9,7 +9,9 @@ tokenizer's own reconstruction FD, and the sampling table of docs/recipe.md on t
 """
 
 import argparse
+import json
 import math
+import os
 
 import torch
 
@@ -31,11 +33,14 @@ def main():
     print(f"machine: {machine()}")
     r = run_chain(DemoArguments(out=args.out, fresh=True, tokenizer_steps=args.tokenizer_steps, prior_steps=args.prior_steps))
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
-    minutes, k = r["minutes"], 512
+    minutes = r["minutes"]
+    with open(os.path.join(r["tokenizer"], "config.json")) as f:  # the uniform baseline: log2 K bits a code
+        k = json.load(f)["num_codes"]
+    tokens = round(pm["bits_per_image"] / pm["bits_per_token"])
     print(f"tokenizer: {args.tokenizer_steps} steps in {minutes['tokenizer']:.1f} min, test PSNR {tm['psnr']:.2f} dB, "
           f"usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}; grid {r['tokenizer']}/images")  # fmt: skip
     print(f"prior: {args.prior_steps} steps in {minutes['prior']:.1f} min, {pm['bits_per_token']:.3f} bits/token, "
-          f"{pm['bits_per_image']:.0f} bits/image (uniform {math.log2(k):.0f} / {49 * math.log2(k):.0f}); samples {r['grid']}")  # fmt: skip
+          f"{pm['bits_per_image']:.0f} bits/image (uniform {math.log2(k):.0f} / {tokens * math.log2(k):.0f}); samples {r['grid']}")  # fmt: skip
     report("tokenizer test PSNR (fashion-mnist preset)", tm["psnr"], "dB", target=">= 24 dB in <= 15 min",
            ok=tm["psnr"] >= 24 and minutes["tokenizer"] <= 15, steps=args.tokenizer_steps, minutes=round(minutes["tokenizer"], 1))  # fmt: skip
     report("tokenizer test codebook usage", tm["codebook_usage"] * 100, "%", target=">= 95%",

@@ -63,6 +63,8 @@ PRIORS = {
     "dropout0.1": ("mse", ["--max-train-steps", "3200", "--dropout", "0.1"]),
     "k256": ("k256", ["--max-train-steps", "1600"]),
     "k1024": ("k1024", ["--max-train-steps", "1600"]),
+    "k1024-800": ("k1024", ["--max-train-steps", "800"]),  # the demo's steps: is K=1024 worth it at the demo's budget?
+    "lr1e-3-800": ("mse", ["--max-train-steps", "800", "--learning-rate", "1e-3"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior
