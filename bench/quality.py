@@ -5,7 +5,7 @@ sampling settings, evaluation), then: the tokenizer's test PSNR and usage, the p
 the samples' FD, precision, recall and class accuracy beside their real-data floors and beside the
 tokenizer's own reconstruction FD, and the sampling table of docs/recipe.md on this prior.
 
-    python -m bench.quality [--out runs/bench] [--tokenizer-steps 1000] [--prior-steps 800] [--no-grid]
+    python -m bench.quality [--out runs/bench] [--tokenizer-steps 1000] [--prior-steps 600] [--no-grid]
 """
 
 import argparse

@@ -8,6 +8,7 @@ accuracy, each beside its real-data floor). Rows go to OUT/rows.jsonl as they fi
 
     python -m bench.recipe --classifier runs/classifier --tokenizers all --priors all      # the sweep
     python -m bench.recipe --classifier runs/classifier --prior runs/demo/prior --sampling grid
+    python -m bench.recipe --classifier runs/classifier --priors demo,lr1e-3-800 --sampling default --seeds 0,1,2,3,4
     python -m bench.recipe --classifier runs/classifier --tokenizers mse --priors demo --smoke   # checks the script
     python -m bench.recipe --dataset data/emoji --classifier runs/clf-emoji --out runs/recipe-emoji \
         --tokenizers mse,adv,adv-adaptive,lowdim-l2,rotation --priors none   # the RGB rows (bench/emoji.py)
@@ -65,6 +66,7 @@ PRIORS = {
     "k1024": ("k1024", ["--max-train-steps", "1600"]),
     "k1024-800": ("k1024", ["--max-train-steps", "800"]),  # the demo's steps: is K=1024 worth it at the demo's budget?
     "lr1e-3-800": ("mse", ["--max-train-steps", "800", "--learning-rate", "1e-3"]),
+    "lr1e-3-600": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3"]),  # the same bits in fewer steps?
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior
@@ -148,6 +150,7 @@ def main():
     p.add_argument("--prior", default=None, help="score this trained prior (with --sampling) instead")
     p.add_argument("--sampling", default="guidance", choices=list(SAMPLING))
     p.add_argument("--per-class", type=int, default=80)
+    p.add_argument("--seeds", default="0", help="comma list: every setting is sampled once per seed (mean and spread printed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny presets and 6 steps: checks the script only")
     p.add_argument("--rows-file", default=None, help="where rows are appended (default OUT/rows.jsonl)")
@@ -158,6 +161,7 @@ def main():
     classifier = Classifier.from_pretrained(args.classifier).to(args.device).eval()
     evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset=args.dataset), classifier=classifier)
     labels = torch.arange(len(evaluator.data.class_names)).repeat_interleave(args.per_class)
+    seeds = [int(s) for s in args.seeds.split(",")]
     pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n and n != "none"]  # noqa: E731
     with open(args.rows_file or os.path.join(args.out, "rows.jsonl"), "a") as log:
         for name in pick(args.tokenizers, TOKENIZERS):
@@ -173,12 +177,19 @@ def main():
             pipe = ClassConditionalPipeline.from_pretrained(path, device=args.device)
             metrics = json.load(open(os.path.join(path, "metrics.json")))
             for setting in SAMPLING[args.sampling]:
-                images = pipe(labels.tolist(), seed=0, batch_size=1000, **setting).cpu()
-                r = evaluator.score(images, labels)
-                print(f"prior {name} {setting}: FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), precision {r.precision:.3f}, "
-                      f"recall {r.recall:.3f}, accuracy {r.accuracy:.3f}", flush=True)  # fmt: skip
-                _log(log, {"kind": "samples", "row": name, "options": PRIORS.get(name, ("", []))[1], "minutes": minutes,
-                           "device": machine(), "bits_per_token": metrics["bits_per_token"], **setting, **r.to_dict()})  # fmt: skip
+                draws = []
+                for seed in seeds:
+                    images = pipe(labels.tolist(), seed=seed, batch_size=1000, **setting).cpu()
+                    r = evaluator.score(images, labels)
+                    draws.append(r)
+                    print(f"prior {name} {setting} seed {seed}: FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), precision {r.precision:.3f}, "
+                          f"recall {r.recall:.3f}, accuracy {r.accuracy:.3f}", flush=True)  # fmt: skip
+                    _log(log, {"kind": "samples", "row": name, "options": PRIORS.get(name, ("", []))[1], "minutes": minutes, "seed": seed,
+                               "device": machine(), "bits_per_token": metrics["bits_per_token"], **setting, **r.to_dict()})  # fmt: skip
+                if len(draws) > 1:  # the spread of the draws: what a difference between two rows must exceed
+                    stats = {k: torch.tensor([getattr(r, k) for r in draws], dtype=torch.float64) for k in ("fd", "precision", "recall", "accuracy")}
+                    print(f"prior {name} {setting} over {len(draws)} seeds: " + ", ".join(
+                        f"{k} {v.mean():.3f} +- {v.std():.3f}" for k, v in stats.items()), flush=True)  # fmt: skip
             del pipe
 
 
