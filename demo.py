@@ -1,6 +1,6 @@
 """From Fashion-MNIST to class-conditional samples and their measured quality, through the commands a user runs.
 
-    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 800] [--preset tiny --max-samples N]
+    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 600] [--preset tiny --max-samples N]
 
 1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset)
 2. accelerate launch -m train.encode       (codes of all 70k images)
@@ -30,7 +30,7 @@ class DemoArguments:
     out: str = option("runs/demo", "Folder of every stage's output.")
     fresh: bool = option(False, "Start over instead of reusing finished stages.")
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
-    prior_steps: int = option(800, "Training steps of the prior.", domain="positive")
+    prior_steps: int = option(600, "Training steps of the prior (at learning rate 1e-3: docs/recipe.md, row lr1e-3-600).", domain="positive")  # fmt: skip
     classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
     preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
@@ -76,7 +76,7 @@ def run_chain(args: DemoArguments) -> dict:
         "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes, *limit))  # fmt: skip
     stage("prior", os.path.join(prior, "metrics.json"), _launch(
         "train.prior", "--codes", codes, "--preset", preset, "--output-dir", prior,
-        "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--lr-warmup-steps", "100",
+        "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--learning-rate", "1e-3", "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     stage("classifier", os.path.join(clf, "metrics.json"), _launch(
         "train.classifier", "--dataset", "fashion_mnist", "--output-dir", clf, *limit,
