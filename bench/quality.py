@@ -9,17 +9,17 @@ tokenizer's own reconstruction FD, and the sampling table of docs/recipe.md on t
 """
 
 import argparse
-import json
 import math
-import os
 
 import torch
+from transformers import AutoConfig
 
 from bench.common import machine, report
 from bench.recipe import SAMPLING, recon_report
 from common.data import DataArguments
 from demo import DemoArguments, run_chain
 from evaluation import Classifier, ClassifierSpace, Evaluator
+from prior import PriorInfo
 from sample import ClassConditionalPipeline
 
 
@@ -34,9 +34,8 @@ def main():
     r = run_chain(DemoArguments(out=args.out, fresh=True, tokenizer_steps=args.tokenizer_steps, prior_steps=args.prior_steps))
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
     minutes = r["minutes"]
-    with open(os.path.join(r["tokenizer"], "config.json")) as f:  # the uniform baseline: log2 K bits a code
-        k = json.load(f)["num_codes"]
-    tokens = round(pm["bits_per_image"] / pm["bits_per_token"])
+    info = PriorInfo.from_config(AutoConfig.from_pretrained(r["prior"]))  # K and the grid: the uniform baseline
+    k, tokens = info.num_codes, info.seq_len
     print(f"tokenizer: {args.tokenizer_steps} steps in {minutes['tokenizer']:.1f} min, test PSNR {tm['psnr']:.2f} dB, "
           f"usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}; grid {r['tokenizer']}/images")  # fmt: skip
     print(f"prior: {args.prior_steps} steps in {minutes['prior']:.1f} min, {pm['bits_per_token']:.3f} bits/token, "

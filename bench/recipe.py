@@ -24,6 +24,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -187,9 +188,9 @@ def main():
                     _log(log, {"kind": "samples", "row": name, "options": PRIORS.get(name, ("", []))[1], "minutes": minutes, "seed": seed,
                                "device": machine(), "bits_per_token": metrics["bits_per_token"], **setting, **r.to_dict()})  # fmt: skip
                 if len(draws) > 1:  # the spread of the draws: what a difference between two rows must exceed
-                    stats = {k: torch.tensor([getattr(r, k) for r in draws], dtype=torch.float64) for k in ("fd", "precision", "recall", "accuracy")}
+                    stats = {k: [getattr(r, k) for r in draws] for k in ("fd", "precision", "recall", "accuracy")}
                     print(f"prior {name} {setting} over {len(draws)} seeds: " + ", ".join(
-                        f"{k} {v.mean():.3f} +- {v.std():.3f}" for k, v in stats.items()), flush=True)  # fmt: skip
+                        f"{k} {statistics.mean(v):.3f} +- {statistics.stdev(v):.3f}" for k, v in stats.items()), flush=True)  # fmt: skip
             del pipe
 
 
