@@ -17,13 +17,12 @@ import json
 import os
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, class_ids, load_image_data, load_tensors
+from common.data import DataArguments, class_ids, load_image_data, load_tensors, read_images
 from common.files import publish_dir, staging_dir
 
 from .scores import AnomalyScorer, auroc, threshold_at_fpr
@@ -56,29 +55,23 @@ class AnomalyArguments:
             raise UsageError(f"--reference {self.reference!r}: expected a folder of normal images or 'train'")
 
 
-def _folder(path: str, data_args: DataArguments, channels: int):
-    """A folder of images, scored whole (both of the splits load_image_data makes)."""
-    data = load_image_data(DataArguments(dataset=path, test_fraction=data_args.test_fraction, image_channels=channels))
-    return datasets.concatenate_datasets([data.train, data.test]), data
-
-
 def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
-    """(images, labels as class ids, the loaded data, ids)."""
+    """(images, labels as class ids, class names, ids, the loaded dataset or None for --input)."""
     if args.input is not None:
-        ds, data = _folder(args.input, data_args, channels)
-    else:
-        data = load_image_data(data_args)
-        ds = data.test if args.split == "test" else data.train
+        found = read_images(args.input, channels)
+        names = sorted({n for n in found.labels if n is not None})
+        return found.images, found.class_ids(names), names, found.files, None
+    data = load_image_data(data_args)
+    ds = data.test if args.split == "test" else data.train
     images, labels = load_tensors(ds, channels)
-    ids = [os.path.relpath(v["path"], args.input) if args.input and v.get("path") else f"{args.split}/{i}" for i, v in enumerate(ds["image"])]  # fmt: skip
-    return images, labels, data, ids
+    return images, labels, data.class_names, [f"{args.split}/{i}" for i in range(len(images))], data
 
 
-def _reference(args: AnomalyArguments, data_args: DataArguments, channels: int, data) -> torch.Tensor:
+def _reference(args: AnomalyArguments, channels: int, data) -> torch.Tensor:
     """The normal images of the knn score: a folder, or the training images of --normal-classes in ``data``
     (only those are decoded)."""
     if args.reference != "train":
-        return load_tensors(_folder(args.reference, data_args, channels)[0], channels)[0]
+        return read_images(args.reference, channels).images
     keep = class_ids(args.normal_classes, data.class_names, "--normal-classes")
     return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), channels)[0]
 
@@ -118,8 +111,7 @@ def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins
 def main(argv=None):
     args, data_args = parse_args((AnomalyArguments, DataArguments), argv)
     scorer = AnomalyScorer.from_pretrained(args.prior, args.tokenizer, args.sigma2)
-    images, labels, data, ids = _load(args, data_args, scorer.tokenizer.config.in_channels)
-    names = data.class_names
+    images, labels, names, ids, data = _load(args, data_args, scorer.tokenizer.config.in_channels)
     prior_names = scorer.info.class_names
     if args.condition == "null":
         conditions = None
@@ -132,7 +124,7 @@ def main(argv=None):
     else:
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
     if args.reference:
-        reference = _reference(args, data_args, scorer.tokenizer.config.in_channels, data)
+        reference = _reference(args, scorer.tokenizer.config.in_channels, data)
         scorer.fit(reference, k=args.knn_k)
     scores = scorer.score(images, conditions)
     anomalous = None

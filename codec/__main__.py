@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import IMAGE_EXTENSIONS, DataArguments, ImageTransform, load_image_data, load_tensors
+from common.data import DataArguments, load_image_data, load_tensors, read_images
 from common.files import atomic_write_bytes, publish_dir, staging_dir
 from common.images import to_pil
 
@@ -55,15 +55,6 @@ class CodecArguments:
             raise UsageError(f"--input {self.input!r}: no such file or folder")
 
 
-def _image_files(root: str) -> list[str]:
-    if os.path.isfile(root):
-        return [root]
-    found = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    if not found:
-        raise UsageError(f"--input {root}: no images in this folder")
-    return sorted(found)
-
-
 def _inputs(args: CodecArguments, data_args: DataArguments, codec: Codec):
     """(images (N, C, H, W), labels, names) from --input or --dataset."""
     channels = codec.tokenizer.config.in_channels
@@ -75,14 +66,9 @@ def _inputs(args: CodecArguments, data_args: DataArguments, codec: Codec):
         ds = data.test if args.split == "test" else data.train
         images, labels = load_tensors(ds, channels, args.batch_size)
         return images, (labels.tolist() if data.class_names == names_known else [-1] * len(images)), None
-    root = args.input
-    files = _image_files(root)
-    transform = ImageTransform(channels)
-    images = torch.stack([transform.pixels({"path": f, "bytes": None}) for f in files]).float().div(127.5).sub(1)
-    rel = [os.path.relpath(f, root) if os.path.isdir(root) else os.path.basename(f) for f in files]
-    folder = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
-    labels = [names_known.index(args.class_name) if args.class_name else (names_known.index(f) if f in names_known else -1) for f in folder]  # fmt: skip
-    return images, labels, rel
+    found = read_images(args.input, channels, args.batch_size)
+    ids = [names_known.index(args.class_name)] * len(found.files) if args.class_name else found.class_ids(names_known).tolist()
+    return found.images, ids, found.files
 
 
 def compress(args: CodecArguments, data_args: DataArguments, codec: Codec) -> None:

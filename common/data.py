@@ -430,6 +430,46 @@ def load_tensors(ds: datasets.Dataset, channels: int, batch_size: int = 500) -> 
     return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
 
 
+@dataclass
+class FolderImages:
+    """The images of a folder (or of one file) in memory, with what the folder says of each."""
+
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    labels: list[str | None]  # class name: the image's <class>/ folder or its metadata.jsonl label; None where none
+    files: list[str]  # path relative to the folder (the file's name, for one file), sorted
+
+    def class_ids(self, names: list[str]) -> torch.Tensor:
+        """The labels as indices into ``names``; -1 where an image has none or one that is not in ``names``."""
+        return torch.tensor([names.index(n) if n in names else -1 for n in self.labels], dtype=torch.long)
+
+
+def read_images(path: str, channels: int, batch_size: int = 500) -> FolderImages:
+    """One image file, or every image below a folder in datasets' imagefolder layout (``<class>/`` folders,
+    optionally under ``train/``/``test/``, or a ``metadata.jsonl`` with a ``label``), whole and in order
+    of path: the reader of every command that takes images from a folder (evaluation, codec, anomaly)."""
+    if os.path.isfile(path):
+        pixels = ImageTransform(channels).pixels({"path": path, "bytes": None})
+        return FolderImages(to_float(pixels[None]), [None], [os.path.basename(path)])
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such image file or folder")
+    if not _has_images(path):
+        raise DataError(f"folder {path} contains no images; expected <folder>/<class>/*.png or a folder of images")
+    try:
+        dd = datasets.load_dataset("imagefolder", data_dir=path)
+    except Exception as e:
+        raise DataError(f"cannot read the images of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
+    _warn_dropped_labels(path, dd)
+    ds = datasets.concatenate_datasets(list(dd.values())).cast_column("image", Image(decode=False))
+    files = [os.path.relpath(v["path"], path) for v in ds["image"]]
+    order = sorted(range(len(ds)), key=files.__getitem__)
+    ds = ds.select(order)
+    feature = ds.features.get("label")
+    raw = list(ds["label"]) if "label" in ds.column_names else [None] * len(ds)
+    labels = [None if v is None else feature.names[v] if isinstance(feature, ClassLabel) else str(v) for v in raw]
+    ds = ds.select_columns(["image"]).add_column("label", [0] * len(ds))
+    return FolderImages(load_tensors(ds, channels, batch_size)[0], labels, [files[i] for i in order])
+
+
 # ---------------------------------------------------------------- streams larger than the disk
 
 

@@ -19,7 +19,7 @@ import datasets
 import torch
 
 from common.cli import UserError
-from common.data import DataArguments, ImageData, ImageTransform, column, image_loader, load_image_data, load_tensors
+from common.data import DataArguments, ImageData, ImageTransform, column, image_loader, load_image_data, read_images
 
 from .classifier import Classifier
 from .features import ClassifierSpace
@@ -167,19 +167,8 @@ class Evaluator:
 def load_sample_folder(path: str, class_names: list[str], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A folder in the layout ``python -m sample`` writes (``<class>/<i>.png`` + ``metadata.jsonl``), or
     any imagefolder -> (images (N, C, H, W) in [-1, 1], class ids (N,) in ``class_names``, -1 if none)."""
-    try:
-        ds = datasets.load_dataset("imagefolder", data_dir=path, split="train")
-    except Exception as e:
-        raise UserError(f"cannot read sample folder {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
-    if len(ds) == 0:
-        raise UserError(f"sample folder {path} holds no images")
-    names = ds.features["label"].names if isinstance(ds.features.get("label"), datasets.ClassLabel) else None
-    raw = list(column(ds, "label")) if "label" in ds.column_names else [None] * len(ds)
-    wanted = [names[v] if names else v for v in raw]
-    unknown = sorted({str(w) for w in wanted if w is not None and w != "unconditional" and w not in class_names})
+    found = read_images(path, channels)
+    unknown = sorted({w for w in found.labels if w is not None and w != "unconditional" and w not in class_names})
     if unknown:
         raise UserError(f"sample folder {path} has classes {unknown} that the classifier does not know; expected among {class_names}")  # fmt: skip
-    labels = torch.tensor([class_names.index(w) if w in class_names else -1 for w in wanted])
-    ds = ds.cast_column("image", datasets.Image(decode=False)).add_column("__label", labels.tolist())
-    ds = ds.select_columns(["image", "__label"]).rename_column("__label", "label")
-    return load_tensors(ds, channels)[0], labels
+    return found.images, found.class_ids(class_names)

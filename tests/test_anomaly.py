@@ -70,6 +70,23 @@ def test_held_out_class_scores_higher(tmp_path):
     assert summary["reference_images"] > 1000 and 0 < trousers < 1500  # the training trousers only
     assert "AUROC" in proc.stdout
 
+    # The same scores from folders: <class>/ folders of test images, and a folder of training trousers.
+    data = load_image_data(DataArguments(max_train_samples=12000))
+    folders, reference = tmp_path / "folders", tmp_path / "reference"
+    for root, split, classes in ((folders, data.test, ("Trouser", "Sneaker", "Bag")), (reference, data.train, ("Trouser",))):
+        for name in classes:
+            (root / name).mkdir(parents=True)
+            rows_of = split.filter(lambda label: label == data.class_names.index(name), input_columns="label").select(range(40))
+            for i, value in enumerate(rows_of["image"]):
+                (root / name / f"{i:02d}.png").write_bytes(value["bytes"])
+    python_m("anomaly", "--prior", str(prior), "--input", str(folders), "--normal-classes", "Trouser",
+             "--reference", str(reference), "--output-dir", str(tmp_path / "from-folders"))  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "from-folders" / "scores.csv")))
+    assert [(r["id"], r["label"]) for r in rows] == [(f"{c}/{i:02d}.png", c) for c in ("Bag", "Sneaker", "Trouser") for i in range(40)]
+    summary = json.load(open(tmp_path / "from-folders" / "summary.json"))
+    assert summary["normal_classes"] == ["Trouser"] and summary["reference_images"] == 40
+    assert summary["combined"]["auroc"] > 0.8 and summary["knn"]["auroc"] > 0.8, summary
+
     # knn against its definition: distances from encoder latents, brute force, on test images.
     scorer = AnomalyScorer.from_pretrained(str(prior))
     data = load_image_data(DataArguments(max_train_samples=2000, max_eval_samples=40))

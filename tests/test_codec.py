@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from codec import Codec, CodecError, integer_table
+from PIL import Image as PILImage
+
 from codec.codec import FILE_HEADER
-from common.data import ImageTransform, image_loader
+from common.data import ImageTransform, image_loader, to_float
+from common.images import to_pil
+from conftest import python_m
 from prior import bits, load_prior, prior_loss
 from tokenizer import VQVAE
 
@@ -122,3 +126,30 @@ def test_other_models_truncated_and_foreign_files_are_refused(models, test_image
     archive = codec.compress_archive(codec.encode_images(images[:10]), labels[:10].tolist(), tuple(info.grid))
     with pytest.raises(CodecError, match="truncated"):
         codec.decompress_archive(archive[: len(archive) // 2])
+
+
+def test_cli_codes_a_class_folder_with_its_labels_and_names(chain, models, test_images, tmp_path):
+    """python -m codec on <class>/ folders: each image coded with its folder's class (the null class where
+    the folder is no class of the prior), named by its path; decoded back into the same tree."""
+    tokenizer, prior, info = models
+    images, labels = test_images
+    root, files, conditions = tmp_path / "in", [], []
+    for i in range(12):
+        folder = "unsorted" if i % 4 == 0 else info.class_names[int(labels[i])]  # no class of the prior: the null class
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        to_pil(images[i : i + 1])[0].save(root / folder / f"{i:02d}.png")
+        files.append(f"{folder}/{i:02d}.png")
+        conditions.append(info.class_names.index(folder) if folder in info.class_names else -1)
+    assert -1 in conditions and len(set(conditions)) > 3
+    order = sorted(range(12), key=files.__getitem__)
+    python_m("codec", "compress", "--prior", str(chain["prior"]), "--input", str(root), "--output", str(tmp_path / "a.vqga"))
+    codec = Codec(tokenizer, prior, info)
+    read = torch.stack([to_float(ImageTransform(1).pixels({"path": str(root / files[i]), "bytes": None})) for i in order])
+    codes = codec.encode_images(read)
+    expected = codec.compress_archive(codes, [conditions[i] for i in order], tuple(info.grid), names=[files[i] for i in order])
+    assert (tmp_path / "a.vqga").read_bytes() == expected
+
+    python_m("codec", "decompress", "--prior", str(chain["prior"]), "--input", str(tmp_path / "a.vqga"), "--output", str(tmp_path / "out"))  # fmt: skip
+    for k, i in enumerate(order):
+        recon = to_pil(codec.decode_codes(codes[k][None], tuple(info.grid)))[0]
+        assert np.array_equal(np.array(PILImage.open(tmp_path / "out" / files[i])), np.array(recon))

@@ -1,9 +1,12 @@
 """Every --dataset source yields [-1, 1] tensors with the right shapes, labels and class names."""
 
+import json
+import os
+
 import pytest
 import torch
 
-from common.data import FASHION_MNIST_CLASSES, DataArguments, DataError, ImageTransform, image_loader, load_image_data
+from common.data import FASHION_MNIST_CLASSES, DataArguments, DataError, ImageTransform, image_loader, load_image_data, read_images
 
 
 def _first_batch(data, n=8):
@@ -162,3 +165,39 @@ def test_folder_whose_labels_datasets_drops_is_named(tmp_path, fashion, capsys):
     _write_imagefolder(tmp_path / "even", fashion, per_class=4, split="train")
     assert load_image_data(DataArguments(dataset=str(tmp_path / "even"))).class_names == ["Bag", "Sneaker", "Trouser"]
     assert "without labels" not in capsys.readouterr().err
+
+
+def test_read_images_takes_labels_from_folders_or_metadata_in_path_order(tmp_path, fashion):
+    """The one reader of evaluation, codec and anomaly: <class>/ folders, python -m sample's metadata.jsonl
+    (a label that is no folder name, a grid.png it does not list), one file."""
+    _write_imagefolder(tmp_path / "folders", fashion, per_class=3)
+    found = read_images(str(tmp_path / "folders"), channels=1)
+    assert found.files == sorted(found.files) and len(found.files) == 9 and found.images.shape == (9, 1, 28, 28)
+    assert found.labels == [f.split(os.sep)[0] for f in found.files]
+    assert found.class_ids(["Sneaker", "Bag"]).tolist() == [{"Sneaker": 0, "Bag": 1}.get(n, -1) for n in found.labels]
+    one = read_images(str(tmp_path / "folders" / found.files[4]), channels=1)
+    assert one.labels == [None] and one.files == [os.path.basename(found.files[4])]
+    assert torch.equal(one.images[0], found.images[4]) and one.images.min() >= -1 and one.images.max() <= 1
+
+    root = tmp_path / "samples"  # the layout python -m sample writes
+    rows = []
+    for i, row in enumerate(fashion.test.select(range(6))):
+        name = FASHION_MNIST_CLASSES[row["label"]]
+        rel = f"{name.replace('/', '-')}/{i}.png"
+        (root / os.path.dirname(rel)).mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(row["image"]["bytes"])
+        rows.append({"file_name": rel, "label": name})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "grid.png").write_bytes(fashion.test[0]["image"]["bytes"])
+    found = read_images(str(root), channels=1)
+    assert found.files == sorted(r["file_name"] for r in rows)
+    assert found.labels == [{r["file_name"]: r["label"] for r in rows}[f] for f in found.files]
+    expected, _ = next(iter(image_loader(fashion.test.select(range(6)), ImageTransform(1), 6, shuffle=False))).values()
+    by_index = {int(os.path.splitext(os.path.basename(f))[0]): i for i, f in enumerate(found.files)}
+    assert torch.equal(found.images[[by_index[i] for i in range(6)]], expected)
+
+    with pytest.raises(DataError, match="nowhere: no such"):
+        read_images(str(tmp_path / "nowhere"), channels=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="contains no images"):
+        read_images(str(tmp_path / "empty"), channels=1)
