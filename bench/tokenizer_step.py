@@ -1,4 +1,5 @@
-"""The quantizer's share of one tokenizer training step (Fashion-MNIST preset, batch 128, real images).
+"""The quantizer's share of one tokenizer training step (Fashion-MNIST preset, batch 128, real images),
+and the cost of a step of the 14x14 preset against it, the two interleaved step by step.
 
 Forward hooks time the quantizer (assignment, EMA update, dead-code check) inside full training steps
 (forward, backward, AdamW). Target: under 15%.
@@ -22,26 +23,34 @@ def main():
     data = load_image_data(DataArguments(max_train_samples=128 * (STEPS + WARMUP)))
     torch.manual_seed(0)
     model = VQVAE(get_config("fashion-mnist")).train()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    grid14 = VQVAE(get_config("fashion-mnist-14")).train()
+    opts = {m: torch.optim.AdamW(m.parameters(), 1e-3) for m in (model, grid14)}
     q_time = [0.0]
     start = {}
     model.quantizer.register_forward_pre_hook(lambda m, a: start.__setitem__("t", time.perf_counter()))
     model.quantizer.register_forward_hook(lambda m, a, o: q_time.__setitem__(0, q_time[0] + time.perf_counter() - start["t"]))  # fmt: skip
-    step_total, q_total = 0.0, 0.0
+    totals = {model: 0.0, grid14: 0.0}
+    q_total = 0.0
     for i, batch in enumerate(image_loader(data.train, ImageTransform(1), 128, shuffle=False)):
-        q_time[0] = 0.0
-        t = time.perf_counter()
-        model(batch["pixel_values"]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if i >= WARMUP:
-            step_total += time.perf_counter() - t
-            q_total += q_time[0]
+        for m in (model, grid14) if i % 2 else (grid14, model):  # alternate which goes first
+            q_time[0] = 0.0
+            t = time.perf_counter()
+            m(batch["pixel_values"]).loss.backward()
+            opts[m].step()
+            opts[m].zero_grad()
+            if i >= WARMUP:
+                totals[m] += time.perf_counter() - t
+                q_total += q_time[0] if m is model else 0.0
+    step_total = totals[model]
     share = q_total / step_total
     n = STEPS
     print(f"step {step_total / n * 1e3:.0f} ms, quantizer {q_total / n * 1e3:.1f} ms: {share:.1%} of the step")
     report("quantizer share of a tokenizer step (fashion-mnist, batch 128)", share * 100, "%",
            "whole training step", step_total / n * 1e3, ratio=share, target="< 15%", ok=share < 0.15, baseline_unit="ms")  # fmt: skip
+    ratio = totals[grid14] / step_total
+    print(f"fashion-mnist-14 step {totals[grid14] / n * 1e3:.0f} ms: {ratio:.2f}x the fashion-mnist step")
+    report("tokenizer step, fashion-mnist-14 (14x14 codes)", totals[grid14] / n * 1e3, "ms", "fashion-mnist (7x7)",
+           step_total / n * 1e3, ratio=ratio, target="(reported: docs/tokenizer.md's time at equal steps)", ok=None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 from tokenizer import PRESETS, VQVAE, get_config
 
 
-@pytest.mark.parametrize("preset,size,grid", [("tiny", 28, 7), ("fashion-mnist", 28, 7), ("rgb-32", 32, 8), ("rgb-32", 64, 16)])  # fmt: skip
+@pytest.mark.parametrize("preset,size,grid", [("tiny", 28, 7), ("fashion-mnist", 28, 7), ("fashion-mnist-14", 28, 14), ("rgb-32", 32, 8), ("rgb-32", 64, 16)])  # fmt: skip
 def test_preset_grids(preset, size, grid):
     model = VQVAE(get_config(preset)).eval()
     x = torch.rand(2, model.config.in_channels, size, size) * 2 - 1
@@ -18,7 +18,7 @@ def test_preset_grids(preset, size, grid):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown tokenizer preset 'huge'; expected one of"):
         get_config("huge")
-    assert set(PRESETS) == {"tiny", "fashion-mnist", "rgb-32"}
+    assert set(PRESETS) == {"tiny", "fashion-mnist", "fashion-mnist-14", "rgb-32"}
 
 
 def test_forward_reports_codebook_statistics():

@@ -42,6 +42,9 @@ PRESETS: dict[str, VQVAEConfig] = {
     "tiny": VQVAEConfig(channels=16, num_res_blocks=1, num_codes=64, code_dim=16, kmeans_iters=2),
     # Fashion-MNIST / MNIST on a CPU: 28x28 grayscale -> 7x7 codes from 512.
     "fashion-mnist": VQVAEConfig(channels=32, num_res_blocks=2, num_codes=512, code_dim=32),
+    # The same at f=2: 28x28 -> 14x14 codes from 1024; reconstructions near the real data (docs/tokenizer.md),
+    # for the tokenizer alone (the codec) or a prior over 196 codes where a GPU affords one.
+    "fashion-mnist-14": VQVAEConfig(channels=32, num_res_blocks=2, num_codes=1024, code_dim=32, num_downsamples=1),
     # 32-64 px RGB (CIFAR-10, small crops): 32 px -> 8x8 codes, 64 px -> 16x16.
     "rgb-32": VQVAEConfig(in_channels=3, channels=96, num_res_blocks=2, num_codes=1024, code_dim=64),
 }
