@@ -394,7 +394,7 @@ class ImageTransform:
     def __call__(self, examples: list[dict]) -> dict:
         return {
             "pixel_values": to_float(torch.stack([self.pixels(e["image"]) for e in examples])),
-            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+            "labels": torch.tensor([e.get("label", -1) for e in examples], dtype=torch.long),  # -1: no label
         }
 
 
@@ -466,8 +466,7 @@ def read_images(path: str, channels: int, batch_size: int = 500) -> FolderImages
     feature = ds.features.get("label")
     raw = list(ds["label"]) if "label" in ds.column_names else [None] * len(ds)
     labels = [None if v is None else feature.names[v] if isinstance(feature, ClassLabel) else str(v) for v in raw]
-    ds = ds.select_columns(["image"]).add_column("label", [0] * len(ds))
-    return FolderImages(load_tensors(ds, channels, batch_size)[0], labels, [files[i] for i in order])
+    return FolderImages(load_tensors(ds.select_columns(["image"]), channels, batch_size)[0], labels, [files[i] for i in order])
 
 
 # ---------------------------------------------------------------- streams larger than the disk
