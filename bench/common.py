@@ -7,6 +7,7 @@ import os
 import platform
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def machine() -> str:
@@ -18,6 +19,13 @@ def machine() -> str:
         pass
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores ({cpu})"
     return f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (a training step: forward and backward), by torch's counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def report(name: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,

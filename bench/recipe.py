@@ -60,6 +60,9 @@ TOKENIZERS = {
     # The demo tokenizer's time: its 1000 steps at the 14x14 step's cost (1.06x the 7x7 step, bench.tokenizer_step).
     "grid14-k1024-lr4e-3-940": ["--num-downsamples", "1", "--num-codes", "1024", "--learning-rate", "4e-3", "--max-train-steps", "940"],  # fmt: skip
     "lr2e-3": ["--learning-rate", "2e-3"],  # the presets' 7x7 grid at the rate that helped the 14x14 one
+    # The stretch target of issue 8 (the demo in half the time): the 7x7 tokenizer in half its steps.
+    "lr2e-3-500": ["--learning-rate", "2e-3", "--max-train-steps", "500"],
+    "lr4e-3-500": ["--learning-rate", "4e-3", "--max-train-steps", "500"],
 }
 # name -> (tokenizer row, options of train.prior beyond the common ones: fashion-mnist preset, batch 128).
 PRIORS = {
@@ -80,6 +83,10 @@ PRIORS = {
     "k1024-800": ("k1024", ["--max-train-steps", "800"]),  # the demo's steps: is K=1024 worth it at the demo's budget?
     "lr1e-3-800": ("mse", ["--max-train-steps", "800", "--learning-rate", "1e-3"]),
     "lr1e-3-600": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3"]),  # the same bits in fewer steps?
+    # The stretch target: the demo's prior (600 steps at 1e-3) in fewer steps at a higher rate?
+    "lr1e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "1e-3"]),
+    "lr2e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "2e-3"]),
+    "lr2e-3-300": ("mse", ["--max-train-steps", "300", "--learning-rate", "2e-3"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench.common import machine, report
+from bench.common import flops, machine, report
 from tokenizer import VQVAE, get_config
 from common.data import DataArguments, ImageTransform, image_loader, load_image_data
 
@@ -42,11 +42,15 @@ def main():
                 totals[m] += time.perf_counter() - t
                 q_total += q_time[0] if m is model else 0.0
     step_total = totals[model]
+    step_flops = flops(lambda: model(batch["pixel_values"]).loss.backward())
+    gflops = step_flops / (step_total / STEPS) / 1e9  # forward and backward; AdamW's few FLOPs are not counted
     share = q_total / step_total
     n = STEPS
-    print(f"step {step_total / n * 1e3:.0f} ms, quantizer {q_total / n * 1e3:.1f} ms: {share:.1%} of the step")
+    print(f"step {step_total / n * 1e3:.0f} ms of {step_flops / 1e9:.1f} GFLOP ({gflops:.0f} GFLOP/s), "
+          f"quantizer {q_total / n * 1e3:.1f} ms: {share:.1%} of the step")  # fmt: skip
     report("quantizer share of a tokenizer step (fashion-mnist, batch 128)", share * 100, "%",
-           "whole training step", step_total / n * 1e3, ratio=share, target="< 15%", ok=share < 0.15, baseline_unit="ms")  # fmt: skip
+           "whole training step", step_total / n * 1e3, ratio=share, target="< 15%", ok=share < 0.15, baseline_unit="ms",
+           gflop_per_step=round(step_flops / 1e9, 1), gflop_per_s=round(gflops))  # fmt: skip
     ratio = totals[grid14] / step_total
     print(f"fashion-mnist-14 step {totals[grid14] / n * 1e3:.0f} ms: {ratio:.2f}x the fashion-mnist step")
     report("tokenizer step, fashion-mnist-14 (14x14 codes)", totals[grid14] / n * 1e3, "ms", "fashion-mnist (7x7)",
