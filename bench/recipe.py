@@ -87,6 +87,9 @@ PRIORS = {
     "lr1e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "1e-3"]),
     "lr2e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "2e-3"]),
     "lr2e-3-300": ("mse", ["--max-train-steps", "300", "--learning-rate", "2e-3"]),
+    # The first rows for a GPU: the preset's prior over the 196 codes of the 1.16x tokenizer (docs/recipe.md).
+    "grid14-lr4e-3-3200": ("grid14-k1024-lr4e-3", ["--max-train-steps", "3200", "--learning-rate", "1e-3"]),
+    "grid14-lr4e-3-6400": ("grid14-k1024-lr4e-3", ["--max-train-steps", "6400", "--learning-rate", "1e-3"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior
