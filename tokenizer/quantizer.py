@@ -155,17 +155,17 @@ class EMAQuantizer(nn.Module):
     def nearest(self, flat: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Index of the nearest code for each row of ``flat`` (N, D), in float32 even under autocast or TF32.
 
-        ``|z|^2 - 2 z.e + |e|^2`` as one matmul: ``[z, 1] @ [-2e, |e|^2]^T`` (``|z|^2`` is the same for
-        every code of a row, so the argmin skips it). Rows go in chunks so each (chunk, K) block of
-        distances stays in cache and memory stays O(chunk * K), not O(N * K).
+        ``|z|^2 - 2 z.e + |e|^2`` as one fused matmul and add, ``addmm(|e|^2, z, e^T, alpha=-2)``
+        (``|z|^2`` is the same for every code of a row, so the argmin skips it). Rows go in chunks so
+        each (chunk, K) block of distances stays in cache and memory stays O(chunk * K), not O(N * K).
         """
         chunk = chunk or (1024 if flat.device.type == "cpu" else 32768)  # CPU cache vs GPU launch count
         with torch.autocast(device_type=flat.device.type, enabled=False), full_float32_matmul():
             e = self.codebook.float()
-            codes = torch.cat([-2 * e, (e * e).sum(1, keepdim=True)], dim=1).t()  # (D+1, K)
-            rows = torch.cat([flat.float(), flat.new_ones(flat.shape[0], 1, dtype=torch.float32)], dim=1)  # (N, D+1)
+            e_sq, flat = (e * e).sum(1), flat.float()
             # min(1).indices: the first minimum, like argmin, and faster on CPU.
-            return torch.cat([(rows[i : i + chunk] @ codes).min(1).indices for i in range(0, rows.shape[0], chunk)])
+            return torch.cat([torch.addmm(e_sq, flat[i : i + chunk], e.t(), alpha=-2).min(1).indices
+                              for i in range(0, flat.shape[0], chunk)])  # fmt: skip
 
     def _draw(self, n: int, population: int, salt: int) -> torch.Tensor:
         """``n`` indices into the global batch, the same on every rank (CPU generator, fixed seed)."""
@@ -243,7 +243,8 @@ class EMAQuantizer(nn.Module):
             raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.input_dim}, h, w)")
         b, _, h, w = z.shape
         z = self._to_code_space(z)
-        flat = rearrange(z, "b d h w -> (b h w) d").detach().float()  # (N, d)
+        z_rows = rearrange(z, "b d h w -> (b h w) d")  # (N, d): one copy, for the assignment and the loss
+        flat = z_rows.detach().float()
         restarted = 0
         if self.training and not bool(self.initialized):
             self.init_from_data(flat)
@@ -261,7 +262,6 @@ class EMAQuantizer(nn.Module):
         else:
             counts = torch.bincount(idx, minlength=self.num_codes).float()
         indices = idx.view(b, h, w)
-        z_rows = rearrange(z, "b d h w -> (b h w) d")
         loss = self.beta * F.mse_loss(z_rows, q.detach())
         if torch.is_grad_enabled() and z.requires_grad:
             # Decoder gradients reach the encoder: copied (straight-through) or rotated.
