@@ -5,10 +5,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from codec import Codec, CodecError, integer_table
 from PIL import Image as PILImage
 
+from codec import Codec, CodecError, integer_table
 from codec.codec import FILE_HEADER
 from common.data import ImageTransform, image_loader, to_float
 from common.images import to_pil
