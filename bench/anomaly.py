@@ -23,6 +23,7 @@ import torch
 
 from anomaly import SCORES, AnomalyScorer, auroc, knn_distance
 from bench.common import machine, report
+from common.cli import keep_freed_memory
 from common.data import FASHION_MNIST_CLASSES, DataArguments, load_image_data, load_tensors
 
 PIXEL_KNN = "pixel knn (no model)"
@@ -50,6 +51,7 @@ def train_one_class(out: str, c: int, preset: str, tokenizer_steps: int, prior_s
 
 
 def main():
+    keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/anomaly")
     p.add_argument("--preset", default="fashion-mnist", choices=["tiny", "fashion-mnist"], help="preset of both models")

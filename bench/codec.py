@@ -22,6 +22,7 @@ from PIL import Image
 
 from bench.common import machine, report
 from codec import Codec
+from common.cli import keep_freed_memory
 from common.data import DataArguments, load_image_data, load_tensors
 from common.images import to_pil
 
@@ -58,6 +59,7 @@ def matched_quality(originals: np.ndarray, fmt: str, target_psnr: float) -> tupl
 
 
 def main():
+    keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("prior", help="prior folder (its tokenizer is the one it names)")
     ap.add_argument("--limit", type=int, default=10000, help="test images (default: the whole split)")

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from bench.common import machine, report
 from tokenizer import VQVAE, get_config
+from common.cli import keep_freed_memory
 from common.data import DataArguments, ImageTransform, image_loader, load_image_data
 from train.encode import encode_split
 
@@ -22,6 +23,7 @@ BATCH = 1024
 
 
 def main():
+    keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     print(f"machine: {machine()}")
     model = VQVAE.from_pretrained(sys.argv[1]) if len(sys.argv) > 1 else VQVAE(get_config("fashion-mnist"))
     model.eval()

@@ -18,6 +18,7 @@ SCRIPTS = [
     ["bench.quantizer"],
     ["bench.tokenizer_step"],
     ["bench.prior_throughput"],
+    ["bench.cpu_memory"],
     ["bench.quality"],
     ["bench.encode", "runs/bench/tokenizer"],
     ["bench.sampling", "runs/bench/prior"],

@@ -13,12 +13,14 @@ import torch
 
 from bench.common import flops, machine, report
 from tokenizer import VQVAE, get_config
+from common.cli import keep_freed_memory
 from common.data import DataArguments, ImageTransform, image_loader, load_image_data
 
 STEPS, WARMUP = 30, 5
 
 
 def main():
+    keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     print(f"machine: {machine()}")
     data = load_image_data(DataArguments(max_train_samples=128 * (STEPS + WARMUP)))
     torch.manual_seed(0)

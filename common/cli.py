@@ -8,8 +8,10 @@ what was expected. :func:`run_main` turns user errors into that one line on stde
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import platform
 import sys
 from collections.abc import Callable
 
@@ -105,13 +107,33 @@ def parse_args(types: tuple[type, ...], argv: list[str] | None = None, **default
     return parsed
 
 
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep the memory this process frees, as PyTorch's GPU caching allocator does.
+
+    glibc serves every block over its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
+    free, so a CPU training step whose tensors are larger (the prior's logits and MLP activations, a
+    tokenizer's feature maps) faults in and zeroes every 4 KiB page of them again at every step: at 196
+    codes that kernel work was half of a prior step's time (bench/cpu_memory.py). With mmap off and trimming
+    off, freed blocks are reused; the process keeps the memory of its peak, which it needs each step anyway.
+    A no-op where the C library is not glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, -1)  # never trim (mallopt(3))
+
+
 def run_main(main) -> None:
     """Run an entry point; user errors become one line on stderr and exit status 1 (2 for usage errors).
 
     ``VQGPT_DEBUG=1`` lets them raise with their traceback instead, for bug reports.
+    Every command runs with :func:`keep_freed_memory`.
     """
     from transformers.utils import logging as hf_logging
 
+    keep_freed_memory()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: a command's stderr is its own messages and errors
     try:
         main()
