@@ -104,7 +104,11 @@ def build_prior(preset: str, info: PriorInfo, arch: str = "gpt2", **overrides) -
         config = GPT2Config(
             n_positions=info.seq_len + 1,  # the condition token, then h*w codes
             n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
-            resid_pdrop=p["dropout"], embd_pdrop=p["dropout"], attn_pdrop=p["dropout"], **common,
+            resid_pdrop=p["dropout"], embd_pdrop=p["dropout"], attn_pdrop=p["dropout"],
+            # GPT-2's tanh GELU as torch's one kernel; GPT2Config's default "gelu_new" computes the same
+            # function in eight elementwise passes over the (tokens, 4 * n_embd) activations, which on a
+            # CPU cost more than the MLP's matmuls at 196 codes (bench/prior_throughput.py).
+            activation_function="gelu_pytorch_tanh", **common,
         )  # fmt: skip
         return GPT2LMHeadModel(config)
     config = LlamaConfig(

@@ -101,6 +101,21 @@ def test_saved_prior_loads_alone_and_names_its_tokenizer(chain):
     assert os.path.exists(chain["prior"] / "images" / "prior-0000150.png")
 
 
+def test_gpt2_prior_uses_one_gelu_kernel_and_loads_priors_saved_with_gelu_new(tmp_path):
+    """The presets' "gelu_pytorch_tanh" is GPT-2's "gelu_new" in one kernel: a prior saved before the change
+    (its config says gelu_new) loads and gives the same logits with either activation."""
+    torch.manual_seed(0)
+    model = build_prior("tiny", INFO).eval()
+    assert model.config.activation_function == "gelu_pytorch_tanh"
+    model.config.activation_function = "gelu_new"
+    model.save_pretrained(tmp_path)
+    old, _ = load_prior(str(tmp_path))
+    assert old.config.activation_function == "gelu_new"
+    tokens = torch.randint(0, 64, (4, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(old(tokens).logits, model(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_tokenizer_with_another_k_is_refused(chain, tmp_path):
     other = VQVAE(get_config("tiny", num_codes=32))
     other.save_pretrained(tmp_path / "other")
