@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import StaticCache
 
@@ -19,6 +21,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         remove = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
+
+
+def _cache_keyword(model) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` since transformers renamed
+    ``past_key_values`` (which still works there, with a deprecation warning at every sampling run)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -58,11 +66,11 @@ def generate_codes(
     rows = torch.cat([cond, torch.full_like(cond, layout.null_token)]) if guided else cond
     ids = rows[:, None]  # (R, 1), R = 2B when guided
     past = StaticCache(config=model.config, max_cache_len=seq_len + 1) if use_cache and cache == "static" else None
+    keyword = _cache_keyword(model)
     for t in range(seq_len):
         if use_cache:  # the condition, then one new token a step
-            out = forward(input_ids=ids[:, -1:], past_key_values=past, use_cache=True,
-                          cache_position=torch.tensor([t], device=device))  # fmt: skip
-            past = out.past_key_values
+            out = forward(input_ids=ids[:, -1:], use_cache=True, cache_position=torch.tensor([t], device=device), **{keyword: past})
+            past = out[keyword]
         else:
             out = forward(input_ids=ids, use_cache=False)
         logits = out.logits[:, -1, : layout.num_codes].float()  # (R, K)

@@ -8,6 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from conftest import last_error_line, python_m
 from prior import PriorInfo, build_prior, generate_codes
@@ -74,7 +76,10 @@ def test_guided_logits_combine_conditional_and_null_rows(pipe):
 def test_greedy_with_and_without_cache_and_fixed_seed(pipe):
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     for scale in (1.0, 2.0):
-        with_cache = generate_codes(pipe.prior, pipe.info.layout, 49, labels, guidance_scale=scale, top_k=1, use_cache=True)
+        transformers_logging.warning_once.cache_clear()  # a warning given once in the session is given again
+        with CaptureLogger(transformers_logging.get_logger("transformers")) as logged:
+            with_cache = generate_codes(pipe.prior, pipe.info.layout, 49, labels, guidance_scale=scale, top_k=1, use_cache=True)
+        assert "deprecated" not in logged.out, logged.out  # the cache is passed by the name the installed version takes
         without = generate_codes(pipe.prior, pipe.info.layout, 49, labels, guidance_scale=scale, top_k=1, use_cache=False)
         assert torch.equal(with_cache, without)
     a = pipe(["Sneaker", "Bag"], guidance_scale=2.0, temperature=1.0, top_k=20, seed=123)
