@@ -95,13 +95,17 @@ PRIORS = {
     "grid14-lr4e-3-1600": ("grid14-k1024-lr4e-3", ["--max-train-steps", "1600", "--learning-rate", "1e-3"]),  # what a CPU affords
     "grid14-lr4e-3-3200": ("grid14-k1024-lr4e-3", ["--max-train-steps", "3200", "--learning-rate", "1e-3"]),
     "grid14-lr4e-3-6400": ("grid14-k1024-lr4e-3", ["--max-train-steps", "6400", "--learning-rate", "1e-3"]),
+    # A wider prior for the 196 codes: 6 layers, width 384 (nanoGPT's small character model; 11M parameters).
+    "grid14-wide-3200": ("grid14-k1024-lr4e-3", ["--max-train-steps", "3200", "--learning-rate", "1e-3",
+                                                 "--n-layer", "6", "--n-embd", "384", "--n-head", "6"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
-SAMPLING = {  # name -> pipeline settings scored for every prior
-    "default": [dict()],  # the pipeline's defaults
+SAMPLING = {  # name -> pipeline settings scored for every prior (top_k 0 / top_p 1: that filter off)
+    "default": [dict()],  # the prior's own settings (train.prior's --sample-*; by default the pipeline's)
     "guidance": [dict(guidance_scale=g) for g in (1.0, 1.5, 2.0, 3.0)],
+    "guidance-fine": [dict(guidance_scale=g) for g in (1.25, 1.5, 1.75)],  # around the 14x14 priors' best (docs/recipe.md)
     "grid": [dict(guidance_scale=g, temperature=t, top_k=k, top_p=p)
-             for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (None, 100), (None, 0.95))],  # fmt: skip
+             for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (0, 100), (1.0, 0.95))],  # fmt: skip
 }
 SMOKE_LIMITS = ["--max-train-samples", "512", "--max-eval-samples", "128"]
 SMOKE = ["--preset", "tiny", "--max-train-steps", "6", *SMOKE_LIMITS]

@@ -46,6 +46,9 @@ class PriorInfo:
     grid: tuple[int, int]  # (h, w) of the code grid
     tokenizer: str | None  # folder or Hub id of the tokenizer the codes came from
     image_size: tuple[int, int] | None = None  # (H, W) of the images the codes were made from
+    # The settings it samples at by default (guidance_scale, temperature, top_k, top_p): train.prior's
+    # --sample-* options; None for priors saved before they were recorded (sample.pipeline.DEFAULT_SAMPLING).
+    sampling: dict | None = None
 
     @property
     def layout(self) -> TokenLayout:
@@ -60,7 +63,8 @@ class PriorInfo:
         """From a prior's ``config.vqgpt`` or the ``vqgpt_codes.json`` of train.encode (C = number of names)."""
         size = tuple(meta["image_size"]) if meta.get("image_size") else None
         num_classes = meta.get("num_classes", len(meta["class_names"]))
-        return cls(meta["num_codes"], num_classes, list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size)  # fmt: skip
+        return cls(meta["num_codes"], num_classes, list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size,
+                   meta.get("sampling"))  # fmt: skip
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> PriorInfo:

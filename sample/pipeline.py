@@ -15,15 +15,28 @@ from tokenizer import VQVAE
 from common.images import to_pil
 
 
+# What a prior samples at when neither the call nor the prior names a setting: chosen by measurement for the
+# demo's 7x7 prior (docs/recipe.md). train.prior records its --sample-* settings (these by default) in the
+# prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 1.5
+# samples at 1.5. top_k 0 and top_p 1 turn a filter off.
+DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0)
+
+
+def generation_kwargs(settings: dict) -> dict:
+    """Sampling settings (top_k 0 / top_p 1 = off) -> the keyword arguments of ``generate_codes``."""
+    return dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
+                top_k=settings["top_k"] or None, top_p=settings["top_p"] if settings["top_p"] < 1 else None)  # fmt: skip
+
+
 @dataclass
 class SamplingArguments:
-    """The sampling settings of ``python -m sample``, ``python -m evaluation --prior`` and the prior's
-    evaluation during training. Defaults chosen by measurement: docs/recipe.md."""
+    """The sampling settings of ``python -m sample`` and ``python -m evaluation --prior``. Those not given
+    are the prior's own (train.prior's --sample-* settings), else DEFAULT_SAMPLING (docs/recipe.md)."""
 
-    guidance_scale: float = option(2.0, "Classifier-free guidance: 1 = plain conditional, 0 = unconditional.", domain="non-negative")  # fmt: skip
-    temperature: float = option(1.0, "Softmax temperature; 0 = greedy.", domain="non-negative")
-    top_k: int = option(100, "Keep the k most likely codes; 0 = no top-k filtering.", domain="non-negative")
-    top_p: float = option(1.0, "Nucleus filtering; 1 = none.", domain="top-p")
+    guidance_scale: float | None = option(None, "Classifier-free guidance: 1 = plain conditional, 0 = unconditional. Default: the prior's own, else 2.", domain="non-negative")  # fmt: skip
+    temperature: float | None = option(None, "Softmax temperature; 0 = greedy. Default: the prior's own, else 1.", domain="non-negative")  # fmt: skip
+    top_k: int | None = option(None, "Keep the k most likely codes; 0 = no top-k filtering. Default: the prior's own, else 100.", domain="non-negative")  # fmt: skip
+    top_p: float | None = option(None, "Nucleus filtering; 1 = none. Default: the prior's own, else 1.", domain="top-p")  # fmt: skip
     seed: int = option(0, "Seed of the sampling RNG: the same seed gives the same images.", domain="non-negative")
     batch_size: int = option(64, "Images generated at once (guidance doubles the rows).", domain="positive")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "Device of the prior and the decoder.")
@@ -33,8 +46,8 @@ class SamplingArguments:
             raise UsageError(f"--device {self.device!r}: no CUDA device is available here; use --device cpu")
 
     def pipeline_kwargs(self) -> dict:
-        return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k or None,
-                    top_p=self.top_p if self.top_p < 1 else None, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
+        return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
 
 
 class ClassConditionalPipeline:
@@ -42,6 +55,7 @@ class ClassConditionalPipeline:
 
     >>> pipe = ClassConditionalPipeline.from_pretrained("runs/prior")
     >>> images = pipe(["Sneaker", "Bag"], guidance_scale=2.0, seed=0)   # (2, C, H, W) in [-1, 1]
+    >>> pipe.sampling_settings()   # what a call that names no setting samples at: the prior's own
     """
 
     def __init__(self, prior, tokenizer: VQVAE, info: PriorInfo):
@@ -87,13 +101,22 @@ class ClassConditionalPipeline:
         self.info.layout.condition_tokens(torch.tensor(ids))  # range check, before any generation
         return ids
 
+    def sampling_settings(self, **given) -> dict:
+        """The settings a call samples at: those ``given`` (not None), else the prior's own (train.prior
+        records its --sample-* settings), else DEFAULT_SAMPLING."""
+        unknown = set(given) - set(DEFAULT_SAMPLING)
+        if unknown:
+            raise TypeError(f"unknown sampling settings {sorted(unknown)}; expected {list(DEFAULT_SAMPLING)}")
+        own = self.info.sampling or {}
+        return {k: given[k] if given.get(k) is not None else own.get(k, v) for k, v in DEFAULT_SAMPLING.items()}
+
     @torch.inference_mode()
     def __call__(
         self,
         labels: Sequence[int | str] | None = None,
-        guidance_scale: float = 2.0,
-        temperature: float = 1.0,
-        top_k: int | None = 100,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
         batch_size: int = 64,
@@ -101,8 +124,12 @@ class ClassConditionalPipeline:
         use_cache: bool = True,
         progress=None,
     ) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1], one per label (``labels=None``: ``num_images`` unconditional)."""
+        """Images (B, C, H, W) in [-1, 1], one per label (``labels=None``: ``num_images`` unconditional).
+
+        A sampling setting left None is the prior's own (``sampling_settings``); ``top_k=0`` and
+        ``top_p=1`` turn those filters off."""
         ids = self.class_ids(labels) if labels is not None else [-1] * (num_images or 1)
+        sampling = generation_kwargs(self.sampling_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p))  # fmt: skip
         g = torch.Generator(device=self.device)
         if seed is not None:
             g.manual_seed(seed)
@@ -111,8 +138,7 @@ class ClassConditionalPipeline:
         images = []
         for start in range(0, len(ids), batch_size):
             chunk = torch.tensor(ids[start : start + batch_size], device=self.device)
-            codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, guidance_scale=guidance_scale,
-                                   temperature=temperature, top_k=top_k or None, top_p=top_p, generator=g, use_cache=use_cache)  # fmt: skip
+            codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, generator=g, use_cache=use_cache, **sampling)  # fmt: skip
             images.append(self.tokenizer.decode(codes.view(-1, *self.info.grid)))
             if progress is not None:
                 progress.update(len(chunk))

@@ -12,6 +12,7 @@ from conftest import accelerate_launch, last_error_line, python_m, resumed_and_u
 from common.data import FASHION_MNIST_CLASSES
 from prior import PriorInfo, TokenLayout, build_prior, generate_codes, load_prior, prior_loss
 from sample import ClassConditionalPipeline
+from sample.pipeline import DEFAULT_SAMPLING
 from train.encode import load_codes
 from tokenizer import VQVAE, get_config
 
@@ -93,6 +94,7 @@ def test_saved_prior_loads_alone_and_names_its_tokenizer(chain):
     assert info.tokenizer == str(chain["tokenizer"].resolve())
     assert (info.num_codes, info.num_classes, info.grid, info.image_size) == (64, 10, (7, 7), (28, 28))
     assert info.class_names[7] == "Sneaker"
+    assert info.sampling == DEFAULT_SAMPLING, "train.prior records the settings it samples at"
     cfg = model.config
     assert (cfg.vocab_size, cfg.n_positions) == (75, 50)
     assert cfg.bos_token_id == cfg.eos_token_id == cfg.pad_token_id == 74
@@ -164,7 +166,8 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     args = ["--codes", str(chain["codes"]), "--arch", "llama", "--preset", "tiny", "--train-batch-size", "64",
             "--max-eval-samples", "100", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3",
             "--checkpointing-steps", "10", "--eval-steps", "100", "--dropout", "0.1",
-            "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5"]  # fmt: skip
+            "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5",
+            "--sample-guidance-scale", "1.5", "--sample-top-k", "0"]  # fmt: skip
     full, split = resumed_and_uninterrupted("train.prior", args, tmp_path, steps=20, stop=10)
     assert full.keys() == split.keys() and any("mlp.gate_proj" in k for k in full)  # SwiGLU
     for k in full:
@@ -175,6 +178,8 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     assert {"fd", "fd_floor", "precision", "recall", "class_accuracy"} <= set(metrics) and metrics["fd"] > 0
     card = (tmp_path / "full" / "README.md").read_text()
     assert "llama" in card and "| fd |" in card and "| class_accuracy |" in card
+    assert "guidance_scale 1.5, temperature 1.0, top_k 0, top_p 1.0" in card, "the card names what it samples at"
     pipe = ClassConditionalPipeline.from_pretrained(str(tmp_path / "full"))
+    assert info.sampling == pipe.sampling_settings() == dict(guidance_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
     images = pipe(["Bag", 0], guidance_scale=2.0, seed=0)
     assert images.shape == (2, 1, 28, 28) and torch.equal(images, pipe([8, "T-shirt/top"], guidance_scale=2.0, seed=0))

@@ -1,5 +1,6 @@
 """The sampler: code-only generation, guidance, the KV cache, reproducibility, the command line, errors."""
 
+import dataclasses
 import os
 
 import datasets
@@ -14,6 +15,7 @@ from transformers.utils import logging as transformers_logging
 from conftest import last_error_line, python_m
 from prior import PriorInfo, build_prior, generate_codes
 from sample import ClassConditionalPipeline
+from sample.pipeline import DEFAULT_SAMPLING
 from common.data import DataArguments, load_image_data
 
 INFO = PriorInfo(64, 10, [str(i) for i in range(10)], (7, 7), None, (28, 28))
@@ -89,11 +91,28 @@ def test_greedy_with_and_without_cache_and_fixed_seed(pipe):
     assert torch.equal(a, pipe([7, 8], guidance_scale=2.0, temperature=1.0, top_k=20, seed=123)), "names == ids"
 
 
+def test_a_prior_samples_at_its_own_settings_unless_a_call_names_others(pipe):
+    """train.prior records its --sample-* settings in the prior's config; a call's unnamed settings are those."""
+    assert pipe.sampling_settings() == pipe.info.sampling == DEFAULT_SAMPLING  # the chain's prior: the defaults
+    own = dict(guidance_scale=1.5, temperature=0.8, top_k=0, top_p=0.9)
+    tuned = ClassConditionalPipeline(pipe.prior, pipe.tokenizer, dataclasses.replace(pipe.info, sampling=own))
+    assert tuned.sampling_settings(top_k=5) == {**own, "top_k": 5}
+    labels = [3, 7, 7, 9]
+    assert torch.equal(tuned(labels, seed=1), pipe(labels, seed=1, **own))
+    assert not torch.equal(tuned(labels, seed=1), pipe(labels, seed=1))
+    assert torch.equal(tuned(labels, seed=1, **DEFAULT_SAMPLING), pipe(labels, seed=1)), "a call's settings win"
+    saved_before = ClassConditionalPipeline(pipe.prior, pipe.tokenizer, dataclasses.replace(pipe.info, sampling=None))
+    assert saved_before.sampling_settings() == DEFAULT_SAMPLING
+    with pytest.raises(TypeError, match="unknown sampling settings"):
+        pipe.sampling_settings(guidance=2.0)
+
+
 def test_cli_writes_an_imagefolder_and_a_grid(chain, tmp_path):
     out = tmp_path / "samples"
     proc = python_m("sample", "--prior", str(chain["prior"]), "--classes", "0,3,Sneaker", "--per-class", "4",
                     "--guidance-scale", "2", "--seed", "0", "--output-dir", str(out))  # fmt: skip
     assert "wrote 12 samples of 3 classes" in proc.stdout
+    assert "sampling at guidance_scale 2.0, temperature 1.0, top_k 100, top_p 1.0" in proc.stdout, "--guidance-scale 2, the rest the prior's"
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 12, "grid.png is not a sample"
     assert sorted(ds["label"]) == sorted(["T-shirt/top"] * 4 + ["Dress"] * 4 + ["Sneaker"] * 4)

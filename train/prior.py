@@ -20,13 +20,12 @@ from common.images import image_grid
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import PriorInfo, bits, build_prior, generate_codes, prior_loss
 from prior.model import ARCHITECTURES, PRESETS, architecture
-from sample.pipeline import SamplingArguments
+from sample.pipeline import DEFAULT_SAMPLING, generation_kwargs
 from tokenizer import VQVAE
 from train.encode import encode_dataset, load_codes
 from train.loop import TrainingArguments, make_accelerator, train
 
 
-_SAMPLING = SamplingArguments()  # the pipeline's defaults: evaluation samples as users will
 
 
 @dataclass
@@ -42,10 +41,12 @@ class PriorArguments:
     dropout: float | None = option(None, domain="probability")
     classifier: str | None = option(None, "Reference classifier: evaluation then samples and reports FD, precision, recall and class accuracy.")  # fmt: skip
     eval_samples_per_class: int = option(20, "With --classifier: samples per class scored at each evaluation.", domain="positive")  # fmt: skip
-    sample_guidance_scale: float = option(_SAMPLING.guidance_scale, "Guidance of the samples made at evaluation.", domain="non-negative")  # fmt: skip
-    sample_temperature: float = option(_SAMPLING.temperature, domain="non-negative")
-    sample_top_k: int = option(_SAMPLING.top_k, domain="non-negative")
-    sample_top_p: float = option(_SAMPLING.top_p, domain="top-p")
+    # The prior's sampling settings: its evaluation samples at them, and they are recorded in its config as
+    # the settings it samples at (sample.pipeline.ClassConditionalPipeline.sampling_settings).
+    sample_guidance_scale: float = option(DEFAULT_SAMPLING["guidance_scale"], "Guidance the prior samples at (its evaluation, and the pipeline by default).", domain="non-negative")  # fmt: skip
+    sample_temperature: float = option(DEFAULT_SAMPLING["temperature"], domain="non-negative")
+    sample_top_k: int = option(DEFAULT_SAMPLING["top_k"], "0 = no top-k filtering.", domain="non-negative")
+    sample_top_p: float = option(DEFAULT_SAMPLING["top_p"], "1 = no nucleus filtering.", domain="top-p")
     samples_per_class: int = option(4, "Samples per class in the evaluation grid.", domain="positive")
     encode_batch_size: int = option(1024, domain="positive")
     tokenizer_hub_id: str | None = option(None, "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name.")  # fmt: skip
@@ -54,9 +55,9 @@ class PriorArguments:
         if self.codes is None and self.tokenizer is None:
             raise UsageError("pass --codes (a train.encode folder) or --tokenizer with --dataset to encode first")
 
-    def sampling(self, seed: int = 0) -> dict:
+    def sampling(self) -> dict:
         return dict(guidance_scale=self.sample_guidance_scale, temperature=self.sample_temperature,
-                    top_k=self.sample_top_k or None, top_p=self.sample_top_p if self.sample_top_p < 1 else None)  # fmt: skip
+                    top_k=self.sample_top_k, top_p=self.sample_top_p)  # fmt: skip
 
 
 def _collate(examples):
@@ -85,7 +86,7 @@ class PriorStage:
         g = torch.Generator(device=accelerator.device).manual_seed(0)
         images = []
         for chunk in labels.split(256):
-            codes = generate_codes(model, self.info.layout, self.info.seq_len, chunk, generator=g, **self.args.sampling())
+            codes = generate_codes(model, self.info.layout, self.info.seq_len, chunk, generator=g, **generation_kwargs(self.info.sampling))
             images.append(self.tokenizer.to(accelerator.device).decode(codes.view(-1, *self.info.grid)).float().cpu())
         return torch.cat(images), labels
 
@@ -117,7 +118,7 @@ class PriorStage:
     def model_card(self, model):
         cfg = model.config
         arch = architecture(cfg)
-        sampling = ", ".join(f"{k} {v}" for k, v in self.args.sampling().items())
+        sampling = ", ".join(f"{k} {v}" for k, v in self.info.sampling.items())
         return dict(
             title=f"vqgpt prior ({self.args.preset}, {arch})",
             summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
@@ -130,6 +131,7 @@ class PriorStage:
             details={"dataset": self.dataset, "preset": self.args.preset, "architecture": arch, "tokenizer": self.info.tokenizer,
                      "layers": cfg.num_hidden_layers, "width": cfg.hidden_size, "heads": cfg.num_attention_heads,
                      "parameters": sum(p.numel() for p in model.parameters()), "p_uncond": self.args.p_uncond,
+                     "samples by default at": sampling,
                      "uniform baseline (bits/token)": f"{math.log2(self.info.num_codes):.4g}"},  # fmt: skip
             tags=[arch, "image-generation", "class-conditional"],
             usage='from sample import ClassConditionalPipeline\npipe = ClassConditionalPipeline.from_pretrained("PATH_OR_REPO_ID")\n'
@@ -148,7 +150,7 @@ def main(argv=None):
         if not os.path.exists(os.path.join(codes_dir, "vqgpt_codes.json")):
             encode_dataset(prior_args.tokenizer, data_args, codes_dir, prior_args.encode_batch_size, accelerator)
     codes, meta = load_codes(codes_dir)
-    info = PriorInfo.from_dict({**meta, "tokenizer": prior_args.tokenizer_hub_id or meta["tokenizer"]})
+    info = PriorInfo.from_dict({**meta, "tokenizer": prior_args.tokenizer_hub_id or meta["tokenizer"], "sampling": prior_args.sampling()})  # fmt: skip
     tokenizer = None
     try:
         tokenizer = VQVAE.from_pretrained(meta["tokenizer"]).eval() if meta["tokenizer"] else None
