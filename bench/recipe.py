@@ -112,9 +112,15 @@ SMOKE = ["--preset", "tiny", "--max-train-steps", "6", *SMOKE_LIMITS]
 
 
 def _run_stage(module, argv: list[str]) -> float:
-    """A stage's ``main`` in this process (no start-up per row); returns minutes."""
+    """A stage's ``main`` in this process (no start-up per row); returns minutes. The float32 matmul
+    precision that training sets process-wide (TF32 on a GPU) is put back, so that a row samples as a
+    fresh process does (docs/recipe.md: the same seed moved the FD by 0.02 on an H100)."""
     t = time.perf_counter()
-    module.main(argv)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        module.main(argv)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -59,6 +59,7 @@ def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: Samp
         if pipe.class_names != names:
             raise UsageError(f"the prior's classes {pipe.class_names} are not the classifier's {names}")
         labels = torch.arange(len(names)).repeat_interleave(args.per_class)
+        sampling.announce(pipe)
         images = pipe(labels.tolist(), **sampling.pipeline_kwargs()).cpu()
     evaluator = Evaluator.from_dataset(space, data_args, classifier=classifier, max_reference=args.max_reference)
     return evaluator.score(images, labels), images

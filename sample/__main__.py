@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common.cli import UsageError, option, parse_args
-from sample.pipeline import DEFAULT_SAMPLING, ClassConditionalPipeline, SamplingArguments
+from sample.pipeline import ClassConditionalPipeline, SamplingArguments
 from common.images import image_grid
 from common.files import publish_dir, staging_dir
 
@@ -64,8 +64,7 @@ def main(argv=None):
     pipe = ClassConditionalPipeline.from_pretrained(args.prior, tokenizer=args.tokenizer, device=sampling.device)
     classes = list(dict.fromkeys(parse_classes(args.classes, pipe)))  # each class once, in the order given
     labels = [c for c in classes for _ in range(args.per_class)]
-    settings = pipe.sampling_settings(**{k: getattr(sampling, k) for k in DEFAULT_SAMPLING})
-    print("sampling at " + ", ".join(f"{k} {v}" for k, v in settings.items()) + " (those not given: the prior's own)")
+    sampling.announce(pipe)
     with tqdm(total=len(labels), desc="sample", unit="img", dynamic_ncols=True) as bar:
         images = pipe(labels, **sampling.pipeline_kwargs(), progress=bar).cpu()
     tmp = staging_dir(args.output_dir)  # published whole at the end: never a half-written sample folder

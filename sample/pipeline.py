@@ -45,6 +45,12 @@ class SamplingArguments:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {self.device!r}: no CUDA device is available here; use --device cpu")
 
+    def announce(self, pipe: ClassConditionalPipeline) -> dict:
+        """Print and return the settings the command samples ``pipe`` at (those not given: the prior's own)."""
+        settings = pipe.sampling_settings(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # fmt: skip
+        print("sampling at " + ", ".join(f"{k} {v}" for k, v in settings.items()) + " (those not given: the prior's own)")
+        return settings
+
     def pipeline_kwargs(self) -> dict:
         return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
                     top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)  # fmt: skip

@@ -89,8 +89,9 @@ def test_evaluation_of_a_sample_folder_and_of_the_prior_directly(chain, tmp_path
     python_m("sample", "--prior", str(chain["prior"]), "--per-class", "10", "--seed", "3", "--output-dir", str(tmp_path / "s"))
     common = ["--classifier", str(chain["classifier"]), "--max-reference", "500"]
     python_m("evaluation", "--samples", str(tmp_path / "s"), *common, "--output-json", str(tmp_path / "folder.json"))
-    python_m("evaluation", "--prior", str(chain["prior"]), "--per-class", "10", "--seed", "3", *common,
-             "--output-json", str(tmp_path / "prior.json"))  # fmt: skip
+    proc = python_m("evaluation", "--prior", str(chain["prior"]), "--per-class", "10", "--seed", "3", *common,
+                    "--output-json", str(tmp_path / "prior.json"))  # fmt: skip
+    assert "sampling at guidance_scale 2.0, temperature 1.0, top_k 100, top_p 1.0" in proc.stdout, "the prior's own"
     folder, direct = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("folder", "prior"))
     assert folder["num_samples"] == direct["num_samples"] == 100
     assert folder["fd_floor"] == direct["fd_floor"], "the same floor for the same number of images"
