@@ -17,8 +17,8 @@ from common.images import to_pil
 
 # What a prior samples at when neither the call nor the prior names a setting: chosen by measurement for the
 # demo's 7x7 prior (docs/recipe.md). train.prior records its --sample-* settings (these by default) in the
-# prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 1.5
-# samples at 1.5. top_k 0 and top_p 1 turn a filter off.
+# prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 1.25
+# samples at 1.25. top_k 0 and top_p 1 turn a filter off.
 DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0)
 
 
