@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from prior import PriorInfo, load_prior
+from prior import PriorInfo, cache_keyword, load_prior
 from tokenizer import VQVAE
 
 PRECISION = 16  # integer tables sum to 2**16
@@ -172,10 +172,10 @@ class Codec:
         """
         layout = self.info.layout
         ids = layout.condition_tokens(torch.tensor(conditions))[:, None]  # (G, 1)
-        past = None
+        past, keyword = None, cache_keyword(self.prior)
         for t in range(self.info.seq_len):
-            out = self.prior(input_ids=ids, past_key_values=past, use_cache=True, cache_position=torch.tensor([t]))
-            past = out.past_key_values
+            out = self.prior(input_ids=ids, use_cache=True, cache_position=torch.tensor([t]), **{keyword: past})
+            past = out[keyword]
             codes = yield integer_table(out.logits[:, -1, : layout.num_codes])
             ids = torch.as_tensor(np.asarray(codes), dtype=torch.long)[:, None]
 

@@ -23,9 +23,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def _cache_keyword(model) -> str:
-    """The name a model's forward takes its KV cache by: ``cache`` since transformers renamed
-    ``past_key_values`` (which still works there, with a deprecation warning at every sampling run)."""
+def cache_keyword(model) -> str:
+    """The name a model's forward takes its KV cache by (and its output returns it by): ``cache`` since
+    transformers renamed ``past_key_values``, which it warns about and will remove."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -66,7 +66,7 @@ def generate_codes(
     rows = torch.cat([cond, torch.full_like(cond, layout.null_token)]) if guided else cond
     ids = rows[:, None]  # (R, 1), R = 2B when guided
     past = StaticCache(config=model.config, max_cache_len=seq_len + 1) if use_cache and cache == "static" else None
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     for t in range(seq_len):
         if use_cache:  # the condition, then one new token a step
             out = forward(input_ids=ids[:, -1:], use_cache=True, cache_position=torch.tensor([t], device=device), **{keyword: past})
