@@ -21,6 +21,7 @@ from demo import DemoArguments, run_chain
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import PriorInfo
 from sample import ClassConditionalPipeline
+from sample.pipeline import generation_kwargs
 
 
 def main():
@@ -68,7 +69,8 @@ def main():
     print("\n| guidance | temperature | top-k | top-p | FD | FD / floor | precision | recall | class accuracy |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for s in SAMPLING["grid"]:
         x = evaluator.score(pipe(labels.tolist(), seed=0, batch_size=1000, **s).cpu(), labels)
-        print(f"| {s['guidance_scale']} | {s['temperature']} | {s['top_k'] or '-'} | {s['top_p'] if s['top_p'] < 1 else '-'} | {x.fd:.3f} | "
+        g = generation_kwargs(s)  # top_k 0 / top_p 1 (off) -> None
+        print(f"| {g['guidance_scale']} | {g['temperature']} | {g['top_k'] or '-'} | {g['top_p'] or '-'} | {x.fd:.3f} | "
               f"{x.fd_ratio:.1f}x | {x.precision:.3f} | {x.recall:.3f} | {x.accuracy:.3f} |", flush=True)  # fmt: skip
 
 

@@ -28,6 +28,11 @@ def generation_kwargs(settings: dict) -> dict:
                 top_k=settings["top_k"] or None, top_p=settings["top_p"] if settings["top_p"] < 1 else None)  # fmt: skip
 
 
+def describe_sampling(settings: dict) -> str:
+    """One line of sampling settings, as the commands print them and the prior's card records them."""
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+
 @dataclass
 class SamplingArguments:
     """The sampling settings of ``python -m sample`` and ``python -m evaluation --prior``. Those not given
@@ -48,7 +53,7 @@ class SamplingArguments:
     def announce(self, pipe: ClassConditionalPipeline) -> dict:
         """Print and return the settings the command samples ``pipe`` at (those not given: the prior's own)."""
         settings = pipe.sampling_settings(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # fmt: skip
-        print("sampling at " + ", ".join(f"{k} {v}" for k, v in settings.items()) + " (those not given: the prior's own)")
+        print(f"sampling at {describe_sampling(settings)} (those not given: the prior's own)")
         return settings
 
     def pipeline_kwargs(self) -> dict:

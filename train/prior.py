@@ -20,12 +20,10 @@ from common.images import image_grid
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import PriorInfo, bits, build_prior, generate_codes, prior_loss
 from prior.model import ARCHITECTURES, PRESETS, architecture
-from sample.pipeline import DEFAULT_SAMPLING, generation_kwargs
+from sample.pipeline import DEFAULT_SAMPLING, describe_sampling, generation_kwargs
 from tokenizer import VQVAE
 from train.encode import encode_dataset, load_codes
 from train.loop import TrainingArguments, make_accelerator, train
-
-
 
 
 @dataclass
@@ -118,7 +116,7 @@ class PriorStage:
     def model_card(self, model):
         cfg = model.config
         arch = architecture(cfg)
-        sampling = ", ".join(f"{k} {v}" for k, v in self.info.sampling.items())
+        sampling = describe_sampling(self.info.sampling)
         return dict(
             title=f"vqgpt prior ({self.args.preset}, {arch})",
             summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
