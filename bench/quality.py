@@ -69,7 +69,7 @@ def main():
     print("\n| guidance | temperature | top-k | top-p | FD | FD / floor | precision | recall | class accuracy |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for s in SAMPLING["grid"]:
         x = evaluator.score(pipe(labels.tolist(), seed=0, batch_size=1000, **s).cpu(), labels)
-        g = generation_kwargs(s)  # top_k 0 / top_p 1 (off) -> None
+        g = generation_kwargs(pipe.sampling_settings(**s))  # top_k 0 / top_p 1 (off) -> None
         print(f"| {g['guidance_scale']} | {g['temperature']} | {g['top_k'] or '-'} | {g['top_p'] or '-'} | {x.fd:.3f} | "
               f"{x.fd_ratio:.1f}x | {x.precision:.3f} | {x.recall:.3f} | {x.accuracy:.3f} |", flush=True)  # fmt: skip
 

@@ -29,6 +29,16 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# How the guidance scale s applies over the n codes of a sequence (code t = 0 .. n-1): at every code, or
+# rising linearly from plain conditional sampling to s at the last code (the ramp of MUSE and VAR; measured
+# in docs/recipe.md), or falling from s at the first code towards 1.
+GUIDANCE_SCHEDULES = {
+    "constant": lambda s, t, n: s,
+    "linear": lambda s, t, n: 1 + (s - 1) * (t + 1) / n,
+    "linear-down": lambda s, t, n: s - (s - 1) * t / n,
+}
+
+
 @torch.no_grad()
 def generate_codes(
     model,
@@ -44,16 +54,21 @@ def generate_codes(
     use_cache: bool = True,
     cache: str = "dynamic",
     forward=None,
+    guidance_schedule: str = "constant",
 ) -> torch.Tensor:
     """Sample code sequences (B, seq_len) for class ``labels`` (B,) (-1 or ``None``: unconditional).
 
     Guidance ``l = l_null + s (l_cond - l_null)`` runs the conditional and null rows as one batch of 2B.
     ``s = 1`` is plain conditional sampling and ``s = 0`` unconditional: both skip the extra rows.
+    ``guidance_schedule`` (a key of ``GUIDANCE_SCHEDULES``) sets the scale of each code from ``s``:
+    ``"linear"`` rises from about 1 at the first code to ``s`` at the last.
     ``temperature = 0`` or ``top_k = 1`` is greedy decoding. Only code ids (< K) can be emitted.
     ``cache="static"`` preallocates transformers' ``StaticCache``: every step is then a one-token
     forward of fixed shapes, which ``forward=torch.compile(model, mode="reduce-overhead")`` can replay
     as a CUDA graph (measured in bench/gpu.py).
     """
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule {guidance_schedule!r}; expected one of {list(GUIDANCE_SCHEDULES)}")
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache {cache!r}; expected 'dynamic' or 'static'")
     forward = model if forward is None else forward  # (a compiled module has no truth value)
@@ -76,7 +91,7 @@ def generate_codes(
         logits = out.logits[:, -1, : layout.num_codes].float()  # (R, K)
         if guided:
             l_cond, l_null = logits.chunk(2)
-            logits = l_null + guidance_scale * (l_cond - l_null)  # (B, K)
+            logits = l_null + GUIDANCE_SCHEDULES[guidance_schedule](guidance_scale, t, seq_len) * (l_cond - l_null)  # (B, K)
         if temperature == 0 or top_k == 1:
             nxt = logits.argmax(-1)
         else:

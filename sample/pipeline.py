@@ -10,22 +10,23 @@ from PIL import Image
 
 from common.cli import UsageError, option
 
-from prior import PriorInfo, generate_codes, load_prior
+from prior import GUIDANCE_SCHEDULES, PriorInfo, generate_codes, load_prior
 from tokenizer import VQVAE
 from common.images import to_pil
 
 
 # What a prior samples at when neither the call nor the prior names a setting: chosen by measurement for the
 # demo's 7x7 prior (docs/recipe.md). train.prior records its --sample-* settings (these by default) in the
-# prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 1.25
-# samples at 1.25. top_k 0 and top_p 1 turn a filter off.
-DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0)
+# prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 2.5
+# --sample-guidance-schedule linear samples at those. top_k 0 and top_p 1 turn a filter off.
+DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0, guidance_schedule="constant")
 
 
 def generation_kwargs(settings: dict) -> dict:
     """Sampling settings (top_k 0 / top_p 1 = off) -> the keyword arguments of ``generate_codes``."""
     return dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
-                top_k=settings["top_k"] or None, top_p=settings["top_p"] if settings["top_p"] < 1 else None)  # fmt: skip
+                top_k=settings["top_k"] or None, top_p=settings["top_p"] if settings["top_p"] < 1 else None,
+                guidance_schedule=settings["guidance_schedule"])  # fmt: skip
 
 
 def describe_sampling(settings: dict) -> str:
@@ -42,6 +43,7 @@ class SamplingArguments:
     temperature: float | None = option(None, "Softmax temperature; 0 = greedy. Default: the prior's own, else 1.", domain="non-negative")  # fmt: skip
     top_k: int | None = option(None, "Keep the k most likely codes; 0 = no top-k filtering. Default: the prior's own, else 100.", domain="non-negative")  # fmt: skip
     top_p: float | None = option(None, "Nucleus filtering; 1 = none. Default: the prior's own, else 1.", domain="top-p")  # fmt: skip
+    guidance_schedule: str | None = option(None, "How the guidance applies over the codes: constant, or linear (rising from 1 at the first code to --guidance-scale at the last). Default: the prior's own, else constant.", choices=list(GUIDANCE_SCHEDULES))  # fmt: skip
     seed: int = option(0, "Seed of the sampling RNG: the same seed gives the same images.", domain="non-negative")
     batch_size: int = option(64, "Images generated at once (guidance doubles the rows).", domain="positive")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "Device of the prior and the decoder.")
@@ -52,13 +54,14 @@ class SamplingArguments:
 
     def announce(self, pipe: ClassConditionalPipeline) -> dict:
         """Print and return the settings the command samples ``pipe`` at (those not given: the prior's own)."""
-        settings = pipe.sampling_settings(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # fmt: skip
+        settings = pipe.sampling_settings(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
+                                          top_p=self.top_p, guidance_schedule=self.guidance_schedule)  # fmt: skip
         print(f"sampling at {describe_sampling(settings)} (those not given: the prior's own)")
         return settings
 
     def pipeline_kwargs(self) -> dict:
         return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
+                    top_p=self.top_p, guidance_schedule=self.guidance_schedule, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
 
 
 class ClassConditionalPipeline:
@@ -129,6 +132,7 @@ class ClassConditionalPipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        guidance_schedule: str | None = None,
         seed: int | None = None,
         batch_size: int = 64,
         num_images: int | None = None,
@@ -140,7 +144,8 @@ class ClassConditionalPipeline:
         A sampling setting left None is the prior's own (``sampling_settings``); ``top_k=0`` and
         ``top_p=1`` turn those filters off."""
         ids = self.class_ids(labels) if labels is not None else [-1] * (num_images or 1)
-        sampling = generation_kwargs(self.sampling_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p))  # fmt: skip
+        sampling = generation_kwargs(self.sampling_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                                            top_p=top_p, guidance_schedule=guidance_schedule))  # fmt: skip
         g = torch.Generator(device=self.device)
         if seed is not None:
             g.manual_seed(seed)

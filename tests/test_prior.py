@@ -167,7 +167,7 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
             "--max-eval-samples", "100", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3",
             "--checkpointing-steps", "10", "--eval-steps", "100", "--dropout", "0.1",
             "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5",
-            "--sample-guidance-scale", "1.5", "--sample-top-k", "0"]  # fmt: skip
+            "--sample-guidance-scale", "1.5", "--sample-top-k", "0", "--sample-guidance-schedule", "linear"]  # fmt: skip
     full, split = resumed_and_uninterrupted("train.prior", args, tmp_path, steps=20, stop=10)
     assert full.keys() == split.keys() and any("mlp.gate_proj" in k for k in full)  # SwiGLU
     for k in full:
@@ -178,8 +178,8 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     assert {"fd", "fd_floor", "precision", "recall", "class_accuracy"} <= set(metrics) and metrics["fd"] > 0
     card = (tmp_path / "full" / "README.md").read_text()
     assert "llama" in card and "| fd |" in card and "| class_accuracy |" in card
-    assert "guidance_scale 1.5, temperature 1.0, top_k 0, top_p 1.0" in card, "the card names what it samples at"
+    assert "guidance_scale 1.5, temperature 1.0, top_k 0, top_p 1.0, guidance_schedule linear" in card, "the card names what it samples at"
     pipe = ClassConditionalPipeline.from_pretrained(str(tmp_path / "full"))
-    assert info.sampling == pipe.sampling_settings() == dict(guidance_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+    assert info.sampling == pipe.sampling_settings() == dict(guidance_scale=1.5, temperature=1.0, top_k=0, top_p=1.0, guidance_schedule="linear")
     images = pipe(["Bag", 0], guidance_scale=2.0, seed=0)
     assert images.shape == (2, 1, 28, 28) and torch.equal(images, pipe([8, "T-shirt/top"], guidance_scale=2.0, seed=0))

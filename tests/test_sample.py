@@ -13,7 +13,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
 from conftest import last_error_line, python_m
-from prior import PriorInfo, build_prior, generate_codes
+from prior import GUIDANCE_SCHEDULES, PriorInfo, build_prior, generate_codes
 from sample import ClassConditionalPipeline
 from sample.pipeline import DEFAULT_SAMPLING
 from common.data import DataArguments, load_image_data
@@ -75,6 +75,26 @@ def test_guided_logits_combine_conditional_and_null_rows(pipe):
     assert codes[0, 0] == expected_first
 
 
+@pytest.mark.parametrize("schedule", list(GUIDANCE_SCHEDULES))
+def test_a_guidance_schedule_sets_the_scale_of_each_code(pipe, schedule):
+    """Greedy guided decoding by full forwards, the scale of code t taken from the schedule, is what
+    generate_codes emits; "linear" reaches the scale at the last code, "linear-down" starts from it."""
+    scale, n, at = 3.0, 49, GUIDANCE_SCHEDULES[schedule]
+    assert at(scale, n - 1 if schedule == "linear" else 0, n) == scale and all(1 < at(scale, t, n) <= scale for t in range(n))
+    cond, null = torch.tensor([[71], [64]]), torch.full((2, 1), 74)
+    with torch.no_grad():
+        for t in range(n):
+            l_cond, l_null = (pipe.prior(input_ids=ids).logits[:, -1, :64] for ids in (cond, null))
+            nxt = (l_null + at(scale, t, n) * (l_cond - l_null)).argmax(-1, keepdim=True)
+            cond, null = torch.cat([cond, nxt], 1), torch.cat([null, nxt], 1)
+    codes = generate_codes(pipe.prior, pipe.info.layout, n, torch.tensor([7, 0]), guidance_scale=scale, top_k=1, guidance_schedule=schedule)  # fmt: skip
+    assert torch.equal(codes, cond[:, 1:])
+    if schedule != "constant":
+        assert not torch.equal(codes, generate_codes(pipe.prior, pipe.info.layout, n, torch.tensor([7, 0]), guidance_scale=scale, top_k=1))
+    with pytest.raises(ValueError, match="guidance_schedule 'cosine'; expected one of"):
+        generate_codes(pipe.prior, pipe.info.layout, n, torch.tensor([7]), guidance_schedule="cosine")
+
+
 def test_greedy_with_and_without_cache_and_fixed_seed(pipe):
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     for scale in (1.0, 2.0):
@@ -94,7 +114,7 @@ def test_greedy_with_and_without_cache_and_fixed_seed(pipe):
 def test_a_prior_samples_at_its_own_settings_unless_a_call_names_others(pipe):
     """train.prior records its --sample-* settings in the prior's config; a call's unnamed settings are those."""
     assert pipe.sampling_settings() == pipe.info.sampling == DEFAULT_SAMPLING  # the chain's prior: the defaults
-    own = dict(guidance_scale=1.5, temperature=0.8, top_k=0, top_p=0.9)
+    own = dict(guidance_scale=1.5, temperature=0.8, top_k=0, top_p=0.9, guidance_schedule="linear")
     tuned = ClassConditionalPipeline(pipe.prior, pipe.tokenizer, dataclasses.replace(pipe.info, sampling=own))
     assert tuned.sampling_settings(top_k=5) == {**own, "top_k": 5}
     labels = [3, 7, 7, 9]
@@ -110,9 +130,9 @@ def test_a_prior_samples_at_its_own_settings_unless_a_call_names_others(pipe):
 def test_cli_writes_an_imagefolder_and_a_grid(chain, tmp_path):
     out = tmp_path / "samples"
     proc = python_m("sample", "--prior", str(chain["prior"]), "--classes", "0,3,Sneaker", "--per-class", "4",
-                    "--guidance-scale", "2", "--seed", "0", "--output-dir", str(out))  # fmt: skip
+                    "--guidance-scale", "2", "--guidance-schedule", "linear", "--seed", "0", "--output-dir", str(out))  # fmt: skip
     assert "wrote 12 samples of 3 classes" in proc.stdout
-    assert "sampling at guidance_scale 2.0, temperature 1.0, top_k 100, top_p 1.0" in proc.stdout, "--guidance-scale 2, the rest the prior's"
+    assert "sampling at guidance_scale 2.0, temperature 1.0, top_k 100, top_p 1.0, guidance_schedule linear" in proc.stdout, "the rest the prior's"
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 12, "grid.png is not a sample"
     assert sorted(ds["label"]) == sorted(["T-shirt/top"] * 4 + ["Dress"] * 4 + ["Sneaker"] * 4)

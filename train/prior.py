@@ -18,7 +18,7 @@ from common.cli import UsageError, option, parse_args, run_main
 from common.data import DataArguments
 from common.images import image_grid
 from evaluation import Classifier, ClassifierSpace, Evaluator
-from prior import PriorInfo, bits, build_prior, generate_codes, prior_loss
+from prior import GUIDANCE_SCHEDULES, PriorInfo, bits, build_prior, generate_codes, prior_loss
 from prior.model import ARCHITECTURES, PRESETS, architecture
 from sample.pipeline import DEFAULT_SAMPLING, describe_sampling, generation_kwargs
 from tokenizer import VQVAE
@@ -45,6 +45,7 @@ class PriorArguments:
     sample_temperature: float = option(DEFAULT_SAMPLING["temperature"], domain="non-negative")
     sample_top_k: int = option(DEFAULT_SAMPLING["top_k"], "0 = no top-k filtering.", domain="non-negative")
     sample_top_p: float = option(DEFAULT_SAMPLING["top_p"], "1 = no nucleus filtering.", domain="top-p")
+    sample_guidance_schedule: str = option(DEFAULT_SAMPLING["guidance_schedule"], "linear: the guidance rises from 1 at the first code to the scale at the last.", choices=list(GUIDANCE_SCHEDULES))  # fmt: skip
     samples_per_class: int = option(4, "Samples per class in the evaluation grid.", domain="positive")
     encode_batch_size: int = option(1024, domain="positive")
     tokenizer_hub_id: str | None = option(None, "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name.")  # fmt: skip
@@ -55,7 +56,7 @@ class PriorArguments:
 
     def sampling(self) -> dict:
         return dict(guidance_scale=self.sample_guidance_scale, temperature=self.sample_temperature,
-                    top_k=self.sample_top_k, top_p=self.sample_top_p)  # fmt: skip
+                    top_k=self.sample_top_k, top_p=self.sample_top_p, guidance_schedule=self.sample_guidance_schedule)  # fmt: skip
 
 
 def _collate(examples):
