@@ -104,6 +104,13 @@ SAMPLING = {  # name -> pipeline settings scored for every prior (top_k 0 / top_
     "default": [dict()],  # the prior's own settings (train.prior's --sample-*; by default the pipeline's)
     "guidance": [dict(guidance_scale=g) for g in (1.0, 1.5, 2.0, 3.0)],
     "guidance-fine": [dict(guidance_scale=g) for g in (1.25, 1.5, 1.75)],  # around the 14x14 priors' best (docs/recipe.md)
+    # The guidance over the codes (prior.GUIDANCE_SCHEDULES): rising to the scale, or falling from it; around
+    # the best constant scale of the 14x14 priors (1.25) and, stronger, of the 7x7 demo prior (2).
+    "schedule": [dict(guidance_scale=g, guidance_schedule="linear") for g in (2.0, 2.5, 3.0)]
+    + [dict(guidance_scale=1.5, guidance_schedule="linear-down")],
+    "schedule-strong": [dict(guidance_scale=g, guidance_schedule="linear") for g in (3.0, 4.0, 5.0)]
+    + [dict(guidance_scale=2.5, guidance_schedule="linear-down")],
+    "top-k": [dict(guidance_scale=1.1, top_k=k) for k in (30, 50, 100, 300, 0)],  # the filter of the 14x14 priors (K=1024)
     "grid": [dict(guidance_scale=g, temperature=t, top_k=k, top_p=p)
              for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (0, 100), (1.0, 0.95))],  # fmt: skip
 }
