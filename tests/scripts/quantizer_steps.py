@@ -26,3 +26,4 @@ for batch in batches:
     restarted += q(local).restarted
 torch.save({**{k: v.clone() for k, v in q.state_dict().items()}, "restarted": restarted}, f"{out_dir}/rank{state.process_index}.pt")
 state.wait_for_everyone()
+state.end_training()  # destroys the process group: left to interpreter exit, gloo's threads can abort it

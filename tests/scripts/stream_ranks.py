@@ -23,3 +23,4 @@ for example in stream:
 held_out = [hashlib.sha1(v["bytes"]).hexdigest() for v in data.test["image"]]
 with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as f:
     json.dump({"seen": seen, "held_out": held_out}, f)
+state.end_training()  # destroys the process group: left to interpreter exit, gloo's threads can abort it
