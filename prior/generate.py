@@ -69,6 +69,7 @@ def generate_codes(
     """
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule {guidance_schedule!r}; expected one of {list(GUIDANCE_SCHEDULES)}")
+    scale_at = GUIDANCE_SCHEDULES[guidance_schedule]
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache {cache!r}; expected 'dynamic' or 'static'")
     forward = model if forward is None else forward  # (a compiled module has no truth value)
@@ -91,7 +92,7 @@ def generate_codes(
         logits = out.logits[:, -1, : layout.num_codes].float()  # (R, K)
         if guided:
             l_cond, l_null = logits.chunk(2)
-            logits = l_null + GUIDANCE_SCHEDULES[guidance_schedule](guidance_scale, t, seq_len) * (l_cond - l_null)  # (B, K)
+            logits = l_null + scale_at(guidance_scale, t, seq_len) * (l_cond - l_null)  # (B, K)
         if temperature == 0 or top_k == 1:
             nxt = logits.argmax(-1)
         else:

@@ -52,16 +52,18 @@ class SamplingArguments:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {self.device!r}: no CUDA device is available here; use --device cpu")
 
+    def given(self) -> dict:
+        """The sampling settings as given on the command line (None: not given), named as DEFAULT_SAMPLING names them."""
+        return {k: getattr(self, k) for k in DEFAULT_SAMPLING}
+
     def announce(self, pipe: ClassConditionalPipeline) -> dict:
         """Print and return the settings the command samples ``pipe`` at (those not given: the prior's own)."""
-        settings = pipe.sampling_settings(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
-                                          top_p=self.top_p, guidance_schedule=self.guidance_schedule)  # fmt: skip
+        settings = pipe.sampling_settings(**self.given())
         print(f"sampling at {describe_sampling(settings)} (those not given: the prior's own)")
         return settings
 
     def pipeline_kwargs(self) -> dict:
-        return dict(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, guidance_schedule=self.guidance_schedule, seed=self.seed, batch_size=self.batch_size)  # fmt: skip
+        return dict(**self.given(), seed=self.seed, batch_size=self.batch_size)
 
 
 class ClassConditionalPipeline:

@@ -55,8 +55,7 @@ class PriorArguments:
             raise UsageError("pass --codes (a train.encode folder) or --tokenizer with --dataset to encode first")
 
     def sampling(self) -> dict:
-        return dict(guidance_scale=self.sample_guidance_scale, temperature=self.sample_temperature,
-                    top_k=self.sample_top_k, top_p=self.sample_top_p, guidance_schedule=self.sample_guidance_schedule)  # fmt: skip
+        return {k: getattr(self, f"sample_{k}") for k in DEFAULT_SAMPLING}
 
 
 def _collate(examples):
