@@ -91,6 +91,17 @@ PRIORS = {
     "lr1e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "1e-3"]),
     "lr2e-3-400": ("mse", ["--max-train-steps", "400", "--learning-rate", "2e-3"]),
     "lr2e-3-300": ("mse", ["--max-train-steps", "300", "--learning-rate", "2e-3"]),
+    # The rest of issue 8's table at the demo's budget (600 steps at 1e-3, batch 128, cosine, p_uncond 0.1):
+    # the classifier-free dropout, the schedule, and the batch at equal images seen (equal CPU time).
+    "puncond0.2-600": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--p-uncond", "0.2"]),
+    "constant-lr-600": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--lr-scheduler", "constant_with_warmup"]),
+    "batch256-300": ("mse", ["--max-train-steps", "300", "--learning-rate", "1e-3", "--train-batch-size", "256"]),
+    "batch64-1200": ("mse", ["--max-train-steps", "1200", "--learning-rate", "1e-3", "--train-batch-size", "64"]),
+    "llama-600": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--arch", "llama"]),  # RoPE, SwiGLU, RMSNorm at the demo's budget
+    "llama-400-lr2e-3": ("mse", ["--max-train-steps", "400", "--learning-rate", "2e-3", "--arch", "llama"]),  # the stretch target: Llama in 2/3 of the steps
+    # One training run is one draw too (docs/recipe.md: two demo chains differ by 0.07): both again at another seed.
+    "lr1e-3-600-seed1": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--seed", "1"]),
+    "llama-600-seed1": ("mse", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--arch", "llama", "--seed", "1"]),
     # The first rows for a GPU: the preset's prior over the 196 codes of the 1.16x tokenizer (docs/recipe.md).
     "grid14-lr4e-3-1600": ("grid14-k1024-lr4e-3", ["--max-train-steps", "1600", "--learning-rate", "1e-3"]),  # what a CPU affords
     "grid14-lr4e-3-3200": ("grid14-k1024-lr4e-3", ["--max-train-steps", "3200", "--learning-rate", "1e-3"]),
@@ -98,6 +109,8 @@ PRIORS = {
     # A wider prior for the 196 codes: 6 layers, width 384 (nanoGPT's small character model; 11M parameters).
     "grid14-wide-3200": ("grid14-k1024-lr4e-3", ["--max-train-steps", "3200", "--learning-rate", "1e-3",
                                                  "--n-layer", "6", "--n-embd", "384", "--n-head", "6"]),
+    # Llama beat GPT-2 at the demo's 7x7 budget (docs/recipe.md): the next GPU row, against grid14-lr4e-3-6400.
+    "grid14-llama-6400": ("grid14-k1024-lr4e-3", ["--max-train-steps", "6400", "--learning-rate", "1e-3", "--arch", "llama"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior (top_k 0 / top_p 1: that filter off)
@@ -110,6 +123,10 @@ SAMPLING = {  # name -> pipeline settings scored for every prior (top_k 0 / top_
     + [dict(guidance_scale=1.5, guidance_schedule="linear-down")],
     "schedule-strong": [dict(guidance_scale=g, guidance_schedule="linear") for g in (3.0, 4.0, 5.0)]
     + [dict(guidance_scale=2.5, guidance_schedule="linear-down")],
+    # Around the 14x14 recipe's linear 2.5: between it and linear 2.0, a wider filter, a warmer temperature
+    # (its samples are a little more precise and less diverse than real data).
+    "schedule-fine": [dict(guidance_scale=2.25, guidance_schedule="linear"), dict(guidance_scale=2.5, guidance_schedule="linear", top_k=200),
+                      dict(guidance_scale=2.5, guidance_schedule="linear", temperature=1.05)],  # fmt: skip
     "top-k": [dict(guidance_scale=1.1, top_k=k) for k in (30, 50, 100, 300, 0)],  # the filter of the 14x14 priors (K=1024)
     "grid": [dict(guidance_scale=g, temperature=t, top_k=k, top_p=p)
              for g, t, k, p in itertools.product((1.5, 2.0, 3.0), (1.0, 0.9), (0, 100), (1.0, 0.95))],  # fmt: skip
