@@ -37,6 +37,7 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "classifier test accuracy", "samples    FD", "floor", "grid  "):
         assert line in proc.stdout, line
     pipe = ClassConditionalPipeline.from_pretrained(str(out / "prior"))
+    assert pipe.prior.config.model_type == "llama"  # the demo's prior (docs/recipe.md)
     assert pipe(["Bag"], seed=0).shape == (1, 1, 28, 28)
 
     again = run([sys.executable, *args])
