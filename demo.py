@@ -1,6 +1,6 @@
 """From Fashion-MNIST to class-conditional samples and their measured quality, through the commands a user runs.
 
-    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 600] [--preset tiny --max-samples N]
+    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 600] [--prior-arch llama|gpt2] [--preset tiny --max-samples N]
 
 1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset)
 2. accelerate launch -m train.encode       (codes of all 70k images)
