@@ -31,7 +31,7 @@ class DemoArguments:
     out: str = option("runs/demo", "Folder of every stage's output.")
     fresh: bool = option(False, "Start over instead of reusing finished stages.")
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
-    prior_steps: int = option(600, "Training steps of the prior (at learning rate 1e-3: docs/recipe.md, row lr1e-3-600).", domain="positive")  # fmt: skip
+    prior_steps: int = option(600, "Training steps of the prior (at learning rate 1e-3: docs/recipe.md, rows llama-600 and lr1e-3-600).", domain="positive")  # fmt: skip
     prior_arch: str = option("llama", "The prior's architecture (llama: FD 0.58 against GPT-2's 0.74 at these steps, docs/recipe.md).", choices=list(ARCHITECTURES))  # fmt: skip
     classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
