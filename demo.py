@@ -1,15 +1,17 @@
 """From Fashion-MNIST to class-conditional samples and their measured quality, through the commands a user runs.
 
-    python demo.py [--out runs/demo] [--fresh] [--tokenizer-steps 1000] [--prior-steps 600] [--prior-arch llama|gpt2] [--preset tiny --max-samples N]
+    python demo.py [--out runs/demo] [--fresh] [--grid 7|14] [--tokenizer-steps 1000] [--prior-steps N] [--prior-arch llama|gpt2] [--preset tiny --max-samples N]
 
-1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset)
+1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset: 7x7 codes from 512, or with --grid 14 14x14 from 1024)
 2. accelerate launch -m train.encode       (codes of all 70k images)
-3. accelerate launch -m train.prior        (Llama prior, fashion-mnist preset)
+3. accelerate launch -m train.prior        (fashion-mnist preset: Llama, 600 steps; with --grid 14 GPT-2, 6400 steps)
 4. accelerate launch -m train.classifier   (the reference classifier of the evaluation)
 5. python -m sample                        (10 classes x 80 images, the default sampling settings)
 6. python -m evaluation                    (FD, precision, recall, class accuracy, each beside its real-data floor)
 
-A stage whose output already exists is reused (and says so); --fresh starts over.
+A stage whose output already exists is reused (and says so); --fresh starts over. --grid 14 is the recipe
+whose samples come closest to real data (docs/recipe.md: 1.89x the real-data floor against the 7x7 chain's
+10x), and its prior wants a GPU: 6400 steps over 196 codes take 2 minutes on one H100, hours on a CPU.
 """
 
 from __future__ import annotations
@@ -22,17 +24,31 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from common.cli import option, parse_args, run_main
 from prior import ARCHITECTURES
+
+# The demo's chain for each code grid, as measured in docs/recipe.md and docs/tokenizer.md: the tokenizer's
+# options beyond the preset, the prior's steps and architecture, and the sampling the prior records (python -m
+# sample's defaults for it). 7x7 is what 2 CPU cores train in the demo's budget, tokenizer-bound (its
+# reconstructions are 9-10x the floor); 14x14 reconstructs at 1.1x the floor, and its prior over 4x the codes
+# (measured as GPT-2 only) samples best with a guidance that rises over the codes and a wider filter.
+RECIPES = {
+    7: dict(tokenizer=["--learning-rate", "1e-3"], prior_steps=600, prior_arch="llama", sampling=[]),
+    14: dict(tokenizer=["--num-downsamples", "1", "--num-codes", "1024", "--learning-rate", "4e-3"], prior_steps=6400,
+             prior_arch="gpt2", sampling=["--sample-guidance-scale", "2.5", "--sample-guidance-schedule", "linear", "--sample-top-k", "200"]),
+}  # fmt: skip
 
 
 @dataclass
 class DemoArguments:
     out: str = option("runs/demo", "Folder of every stage's output.")
     fresh: bool = option(False, "Start over instead of reusing finished stages.")
+    grid: int = option(7, "Code grid of a 28 px image: 7 (7x7 codes, a CPU's budget) or 14 (14x14 codes, the prior on a GPU).", choices=list(RECIPES))  # fmt: skip
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
-    prior_steps: int = option(600, "Training steps of the prior (at learning rate 1e-3: docs/recipe.md, rows llama-600 and lr1e-3-600).", domain="positive")  # fmt: skip
-    prior_arch: str = option("llama", "The prior's architecture (llama: FD 0.58 against GPT-2's 0.74 at these steps, docs/recipe.md).", choices=list(ARCHITECTURES))  # fmt: skip
+    prior_steps: int | None = option(None, "Training steps of the prior at learning rate 1e-3 (default: 600 at --grid 7, docs/recipe.md rows llama-600 and lr1e-3-600; 6400 at --grid 14, row grid14-lr4e-3-6400).", domain="positive")  # fmt: skip
+    prior_arch: str | None = option(None, "The prior's architecture (default: llama at --grid 7, FD 0.58 against GPT-2's 0.74 at 600 steps; gpt2 at --grid 14, the one measured there).", choices=list(ARCHITECTURES))  # fmt: skip
     classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
     preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
@@ -56,7 +72,10 @@ def _launch(module: str, *args: str) -> list[str]:
 
 def run_chain(args: DemoArguments) -> dict:
     """Run (or reuse) the stages under ``args.out``; return paths, metrics and minutes per stage."""
-    out, tokenizer_steps, prior_steps, preset, max_samples = args.out, args.tokenizer_steps, args.prior_steps, args.preset, args.max_samples  # fmt: skip
+    out, tokenizer_steps, preset, max_samples = args.out, args.tokenizer_steps, args.preset, args.max_samples
+    recipe = RECIPES[args.grid]
+    prior_steps = args.prior_steps or recipe["prior_steps"]
+    prior_arch = args.prior_arch or recipe["prior_arch"]
     limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -70,21 +89,20 @@ def run_chain(args: DemoArguments) -> dict:
             minutes[name] = _run(cmd) / 60
 
     stage("tokenizer", os.path.join(tok, "metrics.json"), _launch(
-        "train.tokenizer", "--dataset", "fashion_mnist", "--preset", preset, "--output-dir", tok, *limit,
-        "--train-batch-size", "128", "--max-train-steps", str(tokenizer_steps), "--learning-rate", "1e-3",
-        "--lr-scheduler", "cosine", "--lr-warmup-steps", "100", "--eval-steps", str(tokenizer_steps),
+        "train.tokenizer", "--dataset", "fashion_mnist", "--preset", preset, *recipe["tokenizer"], "--output-dir", tok, *limit,
+        "--train-batch-size", "128", "--max-train-steps", str(tokenizer_steps), "--lr-scheduler", "cosine", "--lr-warmup-steps", "100", "--eval-steps", str(tokenizer_steps),
         "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     stage("encode", os.path.join(codes, "vqgpt_codes.json"), _launch(
         "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes, *limit))  # fmt: skip
     stage("prior", os.path.join(prior, "metrics.json"), _launch(
-        "train.prior", "--codes", codes, "--preset", preset, "--arch", args.prior_arch, "--output-dir", prior,
+        "train.prior", "--codes", codes, "--preset", preset, "--arch", prior_arch, *recipe["sampling"], "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--learning-rate", "1e-3", "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     stage("classifier", os.path.join(clf, "metrics.json"), _launch(
         "train.classifier", "--dataset", "fashion_mnist", "--output-dir", clf, *limit,
         "--max-train-steps", str(args.classifier_steps), "--eval-steps", str(args.classifier_steps),
         "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
-    # The sampling settings are the defaults of python -m sample (chosen in docs/recipe.md).
+    # The sampling settings are those the prior records (chosen in docs/recipe.md), python -m sample's default.
     minutes["sample"] = _run([sys.executable, "-m", "sample", "--prior", prior, "--classes", "all",
                               "--per-class", str(args.per_class), "--seed", "0", "--output-dir", samples]) / 60  # fmt: skip
     report = os.path.join(out, "evaluation.json")
@@ -97,18 +115,21 @@ def run_chain(args: DemoArguments) -> dict:
             metrics[name] = json.load(f)
     with open(report) as f:
         metrics["samples"] = json.load(f)
-    return {"tokenizer": tok, "prior": prior, "grid": os.path.join(samples, "grid.png"), "metrics": metrics, "minutes": minutes}
+    return {"tokenizer": tok, "prior": prior, "prior_steps": prior_steps, "prior_arch": prior_arch, "grid": os.path.join(samples, "grid.png"), "metrics": metrics, "minutes": minutes}
 
 
 def main(argv=None):
     (args,) = parse_args((DemoArguments,), argv)
+    if args.grid == 14 and args.preset != "tiny" and not torch.cuda.is_available():
+        print("--grid 14 without a GPU: the prior's 6400 steps over 196 codes take about 7 hours on 2 CPU cores "
+              "(2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
     t = time.perf_counter()
     r = run_chain(args)
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
     print(f"""
 vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min
   tokenizer  {r['tokenizer']}   test PSNR {tm['psnr']:.2f} dB, codebook usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}
-  prior      {r['prior']}   test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
+  prior      {r['prior']}   {r['prior_arch']}, {r['prior_steps']} steps, test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
   classifier test accuracy {cm['accuracy']:.3f}
   samples    FD {sm['fd']:.3f} (real-data floor {sm['fd_floor']:.3f}, {sm['fd'] / sm['fd_floor']:.1f}x), precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}), class accuracy {sm['accuracy']:.3f}
   grid       {r['grid']}""")  # fmt: skip

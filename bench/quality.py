@@ -5,7 +5,7 @@ sampling settings, evaluation), then: the tokenizer's test PSNR and usage, the p
 the samples' FD, precision, recall and class accuracy beside their real-data floors and beside the
 tokenizer's own reconstruction FD, and the sampling table of docs/recipe.md on this prior.
 
-    python -m bench.quality [--out runs/bench] [--tokenizer-steps 1000] [--prior-steps 600] [--no-grid]
+    python -m bench.quality [--out runs/bench] [--tokenizer-steps 1000] [--prior-steps 600] [--no-grid]   (the demo's 7x7 chain)
 """
 
 import argparse
@@ -28,18 +28,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--tokenizer-steps", type=int, default=DemoArguments.tokenizer_steps)
-    p.add_argument("--prior-steps", type=int, default=DemoArguments.prior_steps)
+    p.add_argument("--prior-steps", type=int, default=None, help="default: the demo's")
     p.add_argument("--no-grid", action="store_true", help="skip the sampling table")
     args = p.parse_args()
     print(f"machine: {machine()}")
     r = run_chain(DemoArguments(out=args.out, fresh=True, tokenizer_steps=args.tokenizer_steps, prior_steps=args.prior_steps))
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
-    minutes = r["minutes"]
+    minutes, prior_steps = r["minutes"], r["prior_steps"]
     info = PriorInfo.from_config(AutoConfig.from_pretrained(r["prior"]))  # K and the grid: the uniform baseline
     k, tokens = info.num_codes, info.seq_len
     print(f"tokenizer: {args.tokenizer_steps} steps in {minutes['tokenizer']:.1f} min, test PSNR {tm['psnr']:.2f} dB, "
           f"usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}; grid {r['tokenizer']}/images")  # fmt: skip
-    print(f"prior: {args.prior_steps} steps in {minutes['prior']:.1f} min, {pm['bits_per_token']:.3f} bits/token, "
+    print(f"prior: {prior_steps} steps in {minutes['prior']:.1f} min, {pm['bits_per_token']:.3f} bits/token, "
           f"{pm['bits_per_image']:.0f} bits/image (uniform {math.log2(k):.0f} / {tokens * math.log2(k):.0f}); samples {r['grid']}")  # fmt: skip
     report("tokenizer test PSNR (fashion-mnist preset)", tm["psnr"], "dB", target=">= 24 dB in <= 15 min",
            ok=tm["psnr"] >= 24 and minutes["tokenizer"] <= 15, steps=args.tokenizer_steps, minutes=round(minutes["tokenizer"], 1))  # fmt: skip
@@ -47,7 +47,7 @@ def main():
            ok=tm["codebook_usage"] >= 0.95, perplexity=round(tm["perplexity"], 1))  # fmt: skip
     report("prior test bits/token (fashion-mnist preset)", pm["bits_per_token"], "bits", "uniform log2(K)", math.log2(k),
            ratio=pm["bits_per_token"] / math.log2(k), target="below uniform, <= 20 min",
-           ok=minutes["prior"] <= 20, steps=args.prior_steps, minutes=round(minutes["prior"], 1))  # fmt: skip
+           ok=minutes["prior"] <= 20, steps=prior_steps, minutes=round(minutes["prior"], 1))  # fmt: skip
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     classifier = Classifier.from_pretrained(f"{args.out}/classifier").to(device).eval()

@@ -99,6 +99,7 @@ ROWS = [
     # the demo
     ("demo.py", ["--tokenizer-steps", "0"], 2, ["--tokenizer-steps", "0"]),
     ("demo.py", ["--preset", "huge"], 2, ["--preset", "huge"]),
+    ("demo.py", ["--grid", "9"], 2, ["--grid", "9"]),
 ]
 OUTPUT_OPTION = {"train.tokenizer": "--output-dir", "train.encode": "--output-dir", "train.prior": "--output-dir",
                  "train.classifier": "--output-dir", "sample": "--output-dir", "anomaly": "--output-dir",

@@ -43,6 +43,17 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     again = run([sys.executable, *args])
     assert again.stdout.count("reusing") == 4, again.stdout  # tokenizer, codes, prior and classifier are not retrained
 
+    # --grid 14: the 14x14 recipe (docs/recipe.md) through the same chain; the classifier is the one above.
+    out14 = tmp_path / "demo14"
+    shutil.copytree(out / "classifier", out14 / "classifier")
+    grid14 = run([sys.executable, "demo.py", "--out", str(out14), "--grid", "14", *args[3:]])
+    assert grid14.stdout.count("reusing") == 1 and "--num-downsamples 1 --num-codes 1024 --learning-rate 4e-3" in grid14.stdout
+    assert "gpt2, 40 steps" in grid14.stdout
+    pipe = ClassConditionalPipeline.from_pretrained(str(out14 / "prior"))
+    assert pipe.prior.config.model_type == "gpt2" and pipe.info.seq_len == 196 and pipe.info.num_codes == 1024
+    assert pipe.sampling_settings() == dict(guidance_scale=2.5, temperature=1.0, top_k=200, top_p=1.0, guidance_schedule="linear")
+    assert "sampling at " in grid14.stdout and json.loads((out14 / "evaluation.json").read_text())["num_samples"] == 80
+
 
 TOK = ["--preset", "fashion-mnist", "--max-train-samples", "512", "--max-eval-samples", "64", "--train-batch-size", "16",
        "--max-train-steps", "12", "--checkpointing-steps", "1", "--checkpoints-total-limit", "3", "--eval-steps", "100"]  # fmt: skip
