@@ -6,12 +6,14 @@
 2. accelerate launch -m train.encode       (codes of all 70k images)
 3. accelerate launch -m train.prior        (fashion-mnist preset: Llama, 600 steps; with --grid 14 GPT-2, 6400 steps)
 4. accelerate launch -m train.classifier   (the reference classifier of the evaluation)
-5. python -m sample                        (10 classes x 80 images, the default sampling settings)
+5. python -m sample                        (10 classes x 80 images, at the sampling settings the prior records)
 6. python -m evaluation                    (FD, precision, recall, class accuracy, each beside its real-data floor)
 
-A stage whose output already exists is reused (and says so); --fresh starts over. --grid 14 is the recipe
-whose samples come closest to real data (docs/recipe.md: 1.89x the real-data floor against the 7x7 chain's
-10x), and its prior wants a GPU: 6400 steps over 196 codes take 2 minutes on one H100, hours on a CPU.
+A stage whose output already exists is reused (and says so); --fresh starts over. The folder records the
+settings that trained it (demo.json), and a run with other settings in the same folder stops with one line
+instead of reusing stages trained otherwise. --grid 14 is the recipe whose samples come closest to real
+data (docs/recipe.md: 1.87x the real-data floor against the 7x7 chain's 10x), and its prior wants a GPU:
+6400 steps over 196 codes take 2 minutes on one H100, hours on a CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.cli import option, parse_args, run_main
+from common.cli import UsageError, option, parse_args, run_main
+from common.files import atomic_write_text
 from prior import ARCHITECTURES
 
 # The demo's chain for each code grid, as measured in docs/recipe.md and docs/tokenizer.md: the tokenizer's
@@ -79,6 +82,20 @@ def run_chain(args: DemoArguments) -> dict:
     limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
+    # What the stages are trained with (the samples and their scores are made again at every run).
+    settings = dict(grid=args.grid, preset=preset, tokenizer_steps=tokenizer_steps, prior_steps=prior_steps, prior_arch=prior_arch,
+                    classifier_steps=args.classifier_steps, max_samples=max_samples)  # fmt: skip
+    record = os.path.join(out, "demo.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            before = json.load(f)
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise UsageError(f"{out} holds a demo trained with other settings ({', '.join(changed)}); "
+                             "pass --fresh to start over in it, or --out for another folder")  # fmt: skip
+    else:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
     tok, codes, prior, clf, samples = (os.path.join(out, d) for d in ("tokenizer", "codes", "prior", "classifier", "samples"))  # fmt: skip
     minutes: dict[str, float] = {}
 
@@ -121,7 +138,7 @@ def run_chain(args: DemoArguments) -> dict:
 def main(argv=None):
     (args,) = parse_args((DemoArguments,), argv)
     if args.grid == 14 and args.preset != "tiny" and not torch.cuda.is_available():
-        print("--grid 14 without a GPU: the prior's 6400 steps over 196 codes take about 7 hours on 2 CPU cores "
+        print("--grid 14 without a GPU: the prior's 6400 steps over 196 codes take 5 to 7 hours on 2 CPU cores "
               "(2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
     t = time.perf_counter()
     r = run_chain(args)

@@ -53,6 +53,10 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     assert pipe.prior.config.model_type == "gpt2" and pipe.info.seq_len == 196 and pipe.info.num_codes == 1024
     assert pipe.sampling_settings() == dict(guidance_scale=2.5, temperature=1.0, top_k=200, top_p=1.0, guidance_schedule="linear")
     assert "sampling at " in grid14.stdout and json.loads((out14 / "evaluation.json").read_text())["num_samples"] == 80
+    # The 7x7 folder is not reused for the 14x14 chain: its recorded settings differ, and nothing runs.
+    other = run([sys.executable, "demo.py", "--out", str(out), "--grid", "14", *args[3:]], check=False)
+    assert other.returncode == 2 and "$ " not in other.stdout, other.stdout
+    assert "holds a demo trained with other settings (grid 7 -> 14, prior_arch llama -> gpt2)" in other.stderr.splitlines()[-1], other.stderr
 
 
 TOK = ["--preset", "fashion-mnist", "--max-train-samples", "512", "--max-eval-samples", "64", "--train-batch-size", "16",
