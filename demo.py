@@ -46,7 +46,7 @@ RECIPES = {
 
 @dataclass
 class DemoArguments:
-    out: str = option("runs/demo", "Folder of every stage's output.")
+    out: str | None = option(None, "Folder of every stage's output (default: runs/demo, and runs/demo-grid14 with --grid 14).")
     fresh: bool = option(False, "Start over instead of reusing finished stages.")
     grid: int = option(7, "Code grid of a 28 px image: 7 (7x7 codes, a CPU's budget) or 14 (14x14 codes, the prior on a GPU).", choices=list(RECIPES))  # fmt: skip
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
@@ -75,7 +75,8 @@ def _launch(module: str, *args: str) -> list[str]:
 
 def run_chain(args: DemoArguments) -> dict:
     """Run (or reuse) the stages under ``args.out``; return paths, metrics and minutes per stage."""
-    out, tokenizer_steps, preset, max_samples = args.out, args.tokenizer_steps, args.preset, args.max_samples
+    out = args.out or ("runs/demo" if args.grid == 7 else f"runs/demo-grid{args.grid}")
+    tokenizer_steps, preset, max_samples = args.tokenizer_steps, args.preset, args.max_samples
     recipe = RECIPES[args.grid]
     prior_steps = args.prior_steps or recipe["prior_steps"]
     prior_arch = args.prior_arch or recipe["prior_arch"]
