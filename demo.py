@@ -80,6 +80,9 @@ def run_chain(args: DemoArguments) -> dict:
     recipe = RECIPES[args.grid]
     prior_steps = args.prior_steps or recipe["prior_steps"]
     prior_arch = args.prior_arch or recipe["prior_arch"]
+    if args.grid == 14 and preset != "tiny" and not torch.cuda.is_available():  # a 196-code step: 2.8-3.9 s on 2 CPU cores
+        print(f"--grid 14 without a GPU: the prior's {prior_steps} steps over 196 codes take {prior_steps * 2.8 / 3600:.0f} to "
+              f"{prior_steps * 3.9 / 3600:.0f} hours on 2 CPU cores (6400 steps: 2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
     limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -138,9 +141,6 @@ def run_chain(args: DemoArguments) -> dict:
 
 def main(argv=None):
     (args,) = parse_args((DemoArguments,), argv)
-    if args.grid == 14 and args.preset != "tiny" and not torch.cuda.is_available():
-        print("--grid 14 without a GPU: the prior's 6400 steps over 196 codes take 5 to 7 hours on 2 CPU cores "
-              "(2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
     t = time.perf_counter()
     r = run_chain(args)
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
