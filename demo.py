@@ -81,8 +81,10 @@ def run_chain(args: DemoArguments) -> dict:
     prior_steps = args.prior_steps or recipe["prior_steps"]
     prior_arch = args.prior_arch or recipe["prior_arch"]
     if args.grid == 14 and preset != "tiny" and not torch.cuda.is_available():  # a 196-code step: 2.8-3.9 s on 2 CPU cores
-        print(f"--grid 14 without a GPU: the prior's {prior_steps} steps over 196 codes take {prior_steps * 2.8 / 3600:.0f} to "
-              f"{prior_steps * 3.9 / 3600:.0f} hours on 2 CPU cores (6400 steps: 2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
+        lo, hi = prior_steps * 2.8 / 60, prior_steps * 3.9 / 60  # minutes
+        span = f"{lo / 60:.0f} to {hi / 60:.0f} hours" if hi >= 120 else f"{lo:.0f} to {max(hi, 1):.0f} minutes"
+        print(f"--grid 14 without a GPU: the prior's {prior_steps} steps over 196 codes take {span} on 2 CPU cores "
+              "(6400 steps: 2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
     limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
