@@ -12,8 +12,7 @@
 A stage whose output already exists is reused (and says so); --fresh starts over. The folder records the
 settings that trained it (demo.json), and a run with other settings in the same folder stops with one line
 instead of reusing stages trained otherwise. --grid 14 is the recipe whose samples come closest to real
-data (docs/recipe.md: 1.87x the real-data floor against the 7x7 chain's 10x), and its prior wants a GPU:
-6400 steps over 196 codes take 2 minutes on one H100, hours on a CPU.
+data, and its prior wants a GPU (docs/recipe.md; its figures are in docs/results.md).
 """
 
 from __future__ import annotations
@@ -32,16 +31,18 @@ from common.cli import UsageError, option, parse_args, run_main
 from common.files import atomic_write_text
 from prior import ARCHITECTURES
 
-# The demo's chain for each code grid, as measured in docs/recipe.md and docs/tokenizer.md: the tokenizer's
+# The demo's chain for each code grid, chosen in docs/recipe.md and docs/tokenizer.md: the tokenizer's
 # options beyond the preset, the prior's steps and architecture, and the sampling the prior records (python -m
-# sample's defaults for it). 7x7 is what 2 CPU cores train in the demo's budget, tokenizer-bound (its
-# reconstructions are 9-10x the floor); 14x14 reconstructs at 1.1x the floor, and its prior over 4x the codes
-# (measured as GPT-2 only) samples best with a guidance that rises over the codes and a wider filter.
+# sample's defaults for it). 7x7 is what 2 CPU cores train in the demo's budget; 14x14 reconstructs far
+# better, and its prior over 4x the codes samples best with a guidance that rises over the codes.
 RECIPES = {
     7: dict(tokenizer=["--learning-rate", "1e-3"], prior_steps=600, prior_arch="llama", sampling=[]),
     14: dict(tokenizer=["--num-downsamples", "1", "--num-codes", "1024", "--learning-rate", "4e-3"], prior_steps=6400,
              prior_arch="gpt2", sampling=["--sample-guidance-scale", "2.5", "--sample-guidance-schedule", "linear", "--sample-top-k", "200"]),
 }  # fmt: skip
+
+# A prior step over 196 codes on 2 CPU cores, the range of the machines in docs/results.md (bench.prior_throughput).
+CPU_SECONDS_PER_196_CODE_STEP = (2.8, 3.9)
 
 
 @dataclass
@@ -50,8 +51,8 @@ class DemoArguments:
     fresh: bool = option(False, "Start over instead of reusing finished stages.")
     grid: int = option(7, "Code grid of a 28 px image: 7 (7x7 codes, a CPU's budget) or 14 (14x14 codes, the prior on a GPU).", choices=list(RECIPES))  # fmt: skip
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
-    prior_steps: int | None = option(None, "Training steps of the prior at learning rate 1e-3 (default: 600 at --grid 7, docs/recipe.md rows llama-600 and lr1e-3-600; 6400 at --grid 14, row grid14-lr4e-3-6400).", domain="positive")  # fmt: skip
-    prior_arch: str | None = option(None, "The prior's architecture (default: llama at --grid 7, FD 0.58 against GPT-2's 0.74 at 600 steps; gpt2 at --grid 14, the one measured there).", choices=list(ARCHITECTURES))  # fmt: skip
+    prior_steps: int | None = option(None, "Training steps of the prior at learning rate 1e-3 (default: 600 at --grid 7, 6400 at --grid 14; docs/recipe.md).", domain="positive")  # fmt: skip
+    prior_arch: str | None = option(None, "The prior's architecture (default: llama at --grid 7, gpt2 at --grid 14; docs/recipe.md).", choices=list(ARCHITECTURES))  # fmt: skip
     classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
     preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
@@ -80,11 +81,11 @@ def run_chain(args: DemoArguments) -> dict:
     recipe = RECIPES[args.grid]
     prior_steps = args.prior_steps or recipe["prior_steps"]
     prior_arch = args.prior_arch or recipe["prior_arch"]
-    if args.grid == 14 and preset != "tiny" and not torch.cuda.is_available():  # a 196-code step: 2.8-3.9 s on 2 CPU cores
-        lo, hi = prior_steps * 2.8 / 60, prior_steps * 3.9 / 60  # minutes
+    if args.grid == 14 and preset != "tiny" and not torch.cuda.is_available():
+        lo, hi = (prior_steps * s / 60 for s in CPU_SECONDS_PER_196_CODE_STEP)  # minutes
         span = f"{lo / 60:.0f} to {hi / 60:.0f} hours" if hi >= 120 else f"{lo:.0f} to {max(hi, 1):.0f} minutes"
         print(f"--grid 14 without a GPU: the prior's {prior_steps} steps over 196 codes take {span} on 2 CPU cores "
-              "(6400 steps: 2 minutes on one H100; docs/recipe.md)", flush=True)  # fmt: skip
+              "(docs/results.md)", flush=True)  # fmt: skip
     limit = ["--max-train-samples", str(max_samples), "--max-eval-samples", str(max(1, max_samples // 4))] if max_samples else []  # fmt: skip
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -138,7 +139,8 @@ def run_chain(args: DemoArguments) -> dict:
             metrics[name] = json.load(f)
     with open(report) as f:
         metrics["samples"] = json.load(f)
-    return {"tokenizer": tok, "prior": prior, "prior_steps": prior_steps, "prior_arch": prior_arch, "grid": os.path.join(samples, "grid.png"), "metrics": metrics, "minutes": minutes}
+    return {"tokenizer": tok, "prior": prior, "prior_steps": prior_steps, "prior_arch": prior_arch, "samples": samples,
+            "grid": os.path.join(samples, "grid.png"), "metrics": metrics, "minutes": minutes}  # fmt: skip
 
 
 def main(argv=None):
@@ -152,7 +154,9 @@ vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min
   prior      {r['prior']}   {r['prior_arch']}, {r['prior_steps']} steps, test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
   classifier test accuracy {cm['accuracy']:.3f}
   samples    FD {sm['fd']:.3f} (real-data floor {sm['fd_floor']:.3f}, {sm['fd'] / sm['fd_floor']:.1f}x), precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}), class accuracy {sm['accuracy']:.3f}
-  grid       {r['grid']}""")  # fmt: skip
+  grid       {r['grid']}
+             one row per class, its name on the left: the first {min(args.per_class, 16)} of its {args.per_class} samples;
+             every sample is a file under {r['samples']}/<class>/""")  # fmt: skip
 
 
 if __name__ == "__main__":

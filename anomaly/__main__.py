@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, class_ids, load_image_data, load_tensors, read_images
+from common.data import DataArguments, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
 from common.files import publish_dir, staging_dir
 
 from .scores import AnomalyScorer, auroc, threshold_at_fpr
@@ -55,25 +55,25 @@ class AnomalyArguments:
             raise UsageError(f"--reference {self.reference!r}: expected a folder of normal images or 'train'")
 
 
-def _load(args: AnomalyArguments, data_args: DataArguments, channels: int):
+def _load(args: AnomalyArguments, data_args: DataArguments, transform: ImageTransform):
     """(images, labels as class ids, class names, ids, the loaded dataset or None for --input)."""
     if args.input is not None:
-        found = read_images(args.input, channels)
+        found = read_images(args.input, transform)
         names = sorted({n for n in found.labels if n is not None})
         return found.images, found.class_ids(names), names, found.files, None
     data = load_image_data(data_args)
     ds = data.test if args.split == "test" else data.train
-    images, labels = load_tensors(ds, channels)
+    images, labels = load_tensors(ds, transform)
     return images, labels, data.class_names, [f"{args.split}/{i}" for i in range(len(images))], data
 
 
-def _reference(args: AnomalyArguments, channels: int, data) -> torch.Tensor:
+def _reference(args: AnomalyArguments, transform: ImageTransform, data) -> torch.Tensor:
     """The normal images of the knn score: a folder, or the training images of --normal-classes in ``data``
     (only those are decoded)."""
     if args.reference != "train":
-        return read_images(args.reference, channels).images
+        return read_images(args.reference, transform).images
     keep = class_ids(args.normal_classes, data.class_names, "--normal-classes")
-    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), channels)[0]
+    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), transform)[0]
 
 
 def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None) -> Image.Image:
@@ -111,7 +111,8 @@ def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins
 def main(argv=None):
     args, data_args = parse_args((AnomalyArguments, DataArguments), argv)
     scorer = AnomalyScorer.from_pretrained(args.prior, args.tokenizer, args.sigma2)
-    images, labels, names, ids, data = _load(args, data_args, scorer.tokenizer.config.in_channels)
+    transform = model_transform(data_args, scorer.tokenizer.config.in_channels, "the tokenizer")
+    images, labels, names, ids, data = _load(args, data_args, transform)
     prior_names = scorer.info.class_names
     if args.condition == "null":
         conditions = None
@@ -124,7 +125,7 @@ def main(argv=None):
     else:
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
     if args.reference:
-        reference = _reference(args, scorer.tokenizer.config.in_channels, data)
+        reference = _reference(args, transform, data)
         scorer.fit(reference, k=args.knn_k)
     scores = scorer.score(images, conditions)
     anomalous = None

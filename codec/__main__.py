@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, load_image_data, load_tensors, read_images
+from common.data import DataArguments, load_image_data, load_tensors, model_transform, read_images
 from common.files import atomic_write_bytes, publish_dir, staging_dir
 from common.images import to_pil
 
@@ -33,45 +33,65 @@ ARCHIVE_SUFFIX, FILE_SUFFIX = ".vqga", ".vqg"
 
 
 @dataclass
-class CodecArguments:
-    command: str = option(None, "compress or decompress.", choices=["compress", "decompress"])
+class ModelArguments:
     prior: str | None = option(None, "Prior folder or Hub id (and the tokenizer it names).")
     tokenizer: str | None = option(None, "Tokenizer folder or Hub id: overrides the prior's, or codes without a prior.")
-    input: str | None = option(None, "compress: an image, a folder of images; decompress: a .vqg file, a .vqga archive or a folder of .vqg files.")  # fmt: skip
-    output: str = option(None, "compress: NAME.vqg (one image), NAME.vqga (one archive) or a folder (a .vqg per image); decompress: an image or a folder.")  # fmt: skip
+
+    def validate(self) -> None:
+        if self.prior is None and self.tokenizer is None:
+            raise UsageError("pass --prior (entropy coding with its distributions) or --tokenizer (fixed-width codes)")
+
+
+@dataclass
+class CompressArguments:
+    output: str = option(None, "NAME.vqg (one image), NAME.vqga (one archive) or a folder (a .vqg per image).")
+    input: str | None = option(None, "An image or a folder of images; unset: a split of --dataset.")
     split: str = option("test", "With --dataset: the split to compress.", choices=["train", "test"])
     class_name: str | None = option(None, "Code every input image with this class (default: its <class>/ folder, else the null class).")  # fmt: skip
     group: int = option(256, "Images coded as one batch in an archive (the decoder's batch).", domain="positive")
     batch_size: int = option(256, "Images encoded by the tokenizer at once.", domain="positive")
 
     def validate(self) -> None:
-        if self.command is None:
-            raise UsageError("the first argument is the command: compress or decompress")
         if self.output is None:
             raise UsageError("--output is required")
-        if self.prior is None and self.tokenizer is None:
-            raise UsageError("pass --prior (entropy coding with its distributions) or --tokenizer (fixed-width codes)")
         if self.input is not None and not os.path.exists(self.input):
             raise UsageError(f"--input {self.input!r}: no such file or folder")
 
 
-def _inputs(args: CodecArguments, data_args: DataArguments, codec: Codec):
+@dataclass
+class DecompressArguments:
+    input: str = option(None, "A .vqg file, a .vqga archive or a folder of .vqg files.")
+    output: str = option(None, "An image (for one .vqg file) or a folder.")
+
+    def validate(self) -> None:
+        if self.input is None:
+            raise UsageError("decompress needs --input: a .vqg file, a .vqga archive or a folder of .vqg files")
+        if self.output is None:
+            raise UsageError("--output is required")
+        if not os.path.exists(self.input):
+            raise UsageError(f"--input {self.input!r}: no such file or folder")
+
+
+COMMANDS = {"compress": (CompressArguments, DataArguments), "decompress": (DecompressArguments,)}
+
+
+def _inputs(args: CompressArguments, data_args: DataArguments, codec: Codec):
     """(images (N, C, H, W), labels, names) from --input or --dataset."""
-    channels = codec.tokenizer.config.in_channels
+    transform = model_transform(data_args, codec.tokenizer.config.in_channels, "the tokenizer")
     names_known = codec.info.class_names if codec.info else []
     if args.class_name is not None and args.class_name not in names_known:
         raise UsageError(f"--class-name {args.class_name!r}: expected one of the prior's classes {names_known}")
     if args.input is None:  # a dataset split
         data = load_image_data(data_args)
         ds = data.test if args.split == "test" else data.train
-        images, labels = load_tensors(ds, channels, args.batch_size)
+        images, labels = load_tensors(ds, transform, args.batch_size)
         return images, (labels.tolist() if data.class_names == names_known else [-1] * len(images)), None
-    found = read_images(args.input, channels, args.batch_size)
+    found = read_images(args.input, transform, args.batch_size)
     ids = [names_known.index(args.class_name)] * len(found.files) if args.class_name else found.class_ids(names_known).tolist()
     return found.images, ids, found.files
 
 
-def compress(args: CodecArguments, data_args: DataArguments, codec: Codec) -> None:
+def compress(args: CompressArguments, data_args: DataArguments, codec: Codec) -> None:
     images, labels, names = _inputs(args, data_args, codec)
     grid = codec.grid(tuple(images.shape[-2:]))
     codes = np.concatenate([codec.encode_images(chunk) for chunk in images.split(args.batch_size)])
@@ -104,9 +124,7 @@ def compress(args: CodecArguments, data_args: DataArguments, codec: Codec) -> No
           f"{8 * size / (images[0].numel() * len(codes)):.3f} bits per pixel, {raw / size:.1f}x smaller than raw 8-bit pixels")  # fmt: skip
 
 
-def decompress(args: CodecArguments, codec: Codec) -> None:
-    if args.input is None:
-        raise UsageError("decompress needs --input: a .vqg file, a .vqga archive or a folder of .vqg files")
+def decompress(args: DecompressArguments, codec: Codec) -> None:
     if os.path.isdir(args.input):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.input) for f in fs if f.endswith(FILE_SUFFIX))
         if not files:
@@ -142,13 +160,18 @@ def decompress(args: CodecArguments, codec: Codec) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-"):  # the command as a positional word
-        argv = ["--command", argv[0], *argv[1:]]
-    args, data_args = parse_args((CodecArguments, DataArguments), argv)
-    codec = Codec.from_pretrained(args.prior, args.tokenizer)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip().splitlines()[0] + "\n\nusage: python -m codec {compress,decompress} [--help] ...\n\n"
+              + "\n".join(f"  python -m codec {c} --help" for c in COMMANDS))  # fmt: skip
+        return
+    if argv[0] not in COMMANDS:
+        raise UsageError(f"{argv[0]!r}: the first argument is the command: compress or decompress")
+    command, types = argv[0], COMMANDS[argv[0]]
+    models, args, *data_args = parse_args((ModelArguments, *types), argv[1:], prog=f"python -m codec {command}")
+    codec = Codec.from_pretrained(models.prior, models.tokenizer)
     torch.set_grad_enabled(False)
-    if args.command == "compress":
-        compress(args, data_args, codec)
+    if command == "compress":
+        compress(args, data_args[0], codec)
     else:
         decompress(args, codec)
 

@@ -83,12 +83,13 @@ def check_domains(*parsed) -> None:
                     raise UsageError(f"{flag(f.name)} {value!r}: expected {expected}")
 
 
-def parse_args(types: tuple[type, ...], argv: list[str] | None = None, **defaults) -> tuple:
+def parse_args(types: tuple[type, ...], argv: list[str] | None = None, prog: str | None = None, **defaults) -> tuple:
     """Dataclasses from ``argv`` or from a single ``.json``/``.yaml`` file argument, domains checked.
 
-    ``defaults`` override the dataclasses' defaults for one entry point (e.g. the prior's schedule).
+    ``prog`` names the command in ``--help`` (a subcommand's full name); ``defaults`` override the
+    dataclasses' defaults for one entry point (e.g. the prior's schedule).
     """
-    parser = ArgumentParser(types)
+    parser = ArgumentParser(types, prog=prog)
     parser.set_defaults(**defaults)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):

@@ -40,20 +40,39 @@ class DataError(UserError):
 
 @dataclass
 class DataArguments:
+    """Where the images come from: the options of every command that reads a dataset."""
+
     dataset: str = option("fashion_mnist", "Hub id, imagefolder folder, save_to_disk folder, or 'fashion_mnist'.")
     dataset_config: str | None = option(None, "Config name of a Hub dataset.")
     image_column: str | None = option(None, "Image column; found by name when unset.")
     label_column: str | None = option(None, "Label column; found by name when unset.")
-    resolution: int | None = option(None, "Resize images to this square size.", domain="positive")
-    pad_to_multiple: bool = option(False, "Pad images to a multiple of the downsampling factor.")
-    image_channels: int | None = option(None, "Convert every image to 1 (grayscale) or 3 (RGB) channels; unset: the first image decides and a mix is an error.", choices=[1, 3])  # fmt: skip
+    image_channels: int | None = option(None, "Convert every image to 1 (grayscale) or 3 (RGB) channels; unset: an image whose colour mode differs from the model's (or, training a new model, from the first image's) is an error.", choices=[1, 3])  # fmt: skip
     test_fraction: float = option(0.1, "Held-out fraction when the dataset has no test split.", domain="fraction")
     only_classes: str | None = option(None, "Keep only the images of these classes (comma list of names or ids), e.g. one class for anomaly detection.")  # fmt: skip
     max_train_samples: int | None = option(None, "Use only the first N training images.", domain="positive")
-    max_eval_samples: int | None = option(None, "Use only the first N test images (streaming: the evaluation set, default 1000).", domain="positive")  # fmt: skip
+    max_eval_samples: int | None = option(None, "Use only the first N test images.", domain="positive")
+
+    # What the training commands add (TrainingDataArguments); a command that reads a split whole has these.
+    resolution = None
+    pad_to_multiple = False
+    num_workers = 0
+    streaming = False
+    shuffle_buffer = 1000
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class TrainingDataArguments(DataArguments):
+    """The data options of the training commands: resizing or padding, loader workers, streaming."""
+
+    resolution: int | None = option(None, "Resize images to this square size.", domain="positive")
+    pad_to_multiple: bool = option(False, "Pad images to a multiple of the downsampling factor.")
     num_workers: int = option(0, "DataLoader worker processes that decode images.", domain="non-negative")
     streaming: bool = option(False, "Stream the dataset (datasets.IterableDataset) instead of downloading it whole.")
     shuffle_buffer: int = option(1000, "Examples in the shuffle buffer of a stream (kept undecoded, saved with checkpoints).", domain="positive")  # fmt: skip
+    max_eval_samples: int | None = option(None, "Use only the first N test images (streaming: the evaluation set, default 1000).", domain="positive")  # fmt: skip
 
     def validate(self) -> None:
         if self.streaming and self.num_workers:
@@ -142,7 +161,7 @@ def _load_source(args: DataArguments) -> DatasetDict | datasets.Dataset | datase
             return _as_stream(local) if args.streaming else local
         if not _has_images(src):
             raise DataError(f"dataset folder {src} contains no images; expected root/<class>/*.png (imagefolder) or a save_to_disk folder")  # fmt: skip
-        dd = datasets.load_dataset("imagefolder", data_dir=src, streaming=args.streaming)
+        dd = load_folder(src, streaming=args.streaming)
         _warn_dropped_labels(src, dd)
         return dd
     if os.path.exists(src):
@@ -151,6 +170,18 @@ def _load_source(args: DataArguments) -> DatasetDict | datasets.Dataset | datase
         return datasets.load_dataset(src, args.dataset_config, streaming=args.streaming)
     except Exception as e:  # offline, unknown id, ...: one line, naming the id
         raise DataError(f"cannot load dataset {src!r} from the Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
+
+
+def load_folder(root: str, streaming: bool = False):
+    """datasets' imagefolder over a local folder, without its download and split-building progress bars
+    (a command's output is its own messages; reading a local folder downloads nothing)."""
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=root, streaming=streaming)
+    finally:
+        if was_enabled:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _warn_dropped_labels(root: str, dd) -> None:
@@ -364,6 +395,9 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
+FIRST_IMAGE = "the dataset's first image"
+
+
 class ImageTransform:
     """The collate function of every image loader: undecoded examples -> a batch of [-1, 1] tensors.
 
@@ -373,19 +407,22 @@ class ImageTransform:
     """
 
     def __init__(self, channels: int, resolution: int | None = None, multiple: int | None = None,
-                 size: tuple[int, int] | None = None, convert: bool = True):  # fmt: skip
+                 size: tuple[int, int] | None = None, convert: bool = True, expected_by: str = FIRST_IMAGE):  # fmt: skip
         self.channels, self.resolution, self.multiple = channels, resolution, multiple
         self.size = None if resolution else size  # (H, W) every image must have, when not resized
         self.convert = convert  # False: a grayscale image in an RGB dataset (or the reverse) is an error
+        self.expected_by = expected_by  # what fixed the colour mode, for that error
 
     def pixels(self, value) -> torch.Tensor:
         img = decode_image(value)
         where = _where(value)
         if not self.convert and _is_gray(img) != (self.channels == 1):
             kind = "grayscale" if _is_gray(img) else f"colour ({img.mode})"
-            want = "grayscale" if self.channels == 1 else "colour"
-            raise DataError(f"image {where} is {kind} but the dataset's first image is {want}; "
-                            "pass --image-channels 1 or 3 to convert every image")  # fmt: skip
+            if self.expected_by == FIRST_IMAGE:  # training a new model: the first image set the mode
+                want, fix = "is " + ("grayscale" if self.channels == 1 else "colour"), "1 or 3"
+            else:
+                want, fix = "takes " + ("grayscale (1 channel)" if self.channels == 1 else "colour (3 channels)"), str(self.channels)  # fmt: skip
+            raise DataError(f"image {where} is {kind} but {self.expected_by} {want}; pass --image-channels {fix} to convert every image")  # fmt: skip
         if self.size and (img.height, img.width) != tuple(self.size):
             raise DataError(f"image {where} is {img.width}x{img.height} but the dataset's first image is "
                             f"{self.size[1]}x{self.size[0]}; pass --resolution N to resize every image")  # fmt: skip
@@ -424,10 +461,24 @@ def image_loader(ds: datasets.Dataset, transform: ImageTransform, batch_size: in
     )  # fmt: skip
 
 
-def load_tensors(ds: datasets.Dataset, channels: int, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole (map-style) split in memory: images (N, C, H, W) in [-1, 1] and labels (N,), in order."""
-    batches = list(image_loader(ds, ImageTransform(channels), batch_size, shuffle=False))
+def load_tensors(ds: datasets.Dataset, channels: int | ImageTransform, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (map-style) split in memory: images (N, C, H, W) in [-1, 1] and labels (N,), in order.
+
+    ``channels`` is a channel count (every image converted to it) or the transform to apply
+    (:func:`model_transform`: a colour mode other than the model's is an error)."""
+    transform = channels if isinstance(channels, ImageTransform) else ImageTransform(channels)
+    batches = list(image_loader(ds, transform, batch_size, shuffle=False))
     return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
+
+
+def model_transform(data_args: DataArguments, channels: int, model: str) -> ImageTransform:
+    """How a command that feeds an existing ``model`` (taking ``channels``) reads images: every command
+    follows one rule, as training does. An image of the model's colour mode is read as it is; one of the
+    other mode is an error naming the image, unless ``--image-channels`` (which must match the model)
+    asks to convert every image."""
+    if data_args.image_channels not in (None, channels):
+        raise UsageError(f"--image-channels {data_args.image_channels}: {model} takes {channels} channel{'s' * (channels > 1)}")  # fmt: skip
+    return ImageTransform(channels, convert=data_args.image_channels is not None, expected_by=model)
 
 
 @dataclass
@@ -443,19 +494,21 @@ class FolderImages:
         return torch.tensor([names.index(n) if n in names else -1 for n in self.labels], dtype=torch.long)
 
 
-def read_images(path: str, channels: int, batch_size: int = 500) -> FolderImages:
+def read_images(path: str, channels: int | ImageTransform, batch_size: int = 500) -> FolderImages:
     """One image file, or every image below a folder in datasets' imagefolder layout (``<class>/`` folders,
     optionally under ``train/``/``test/``, or a ``metadata.jsonl`` with a ``label``), whole and in order
-    of path: the reader of every command that takes images from a folder (evaluation, codec, anomaly)."""
+    of path: the reader of every command that takes images from a folder (evaluation, codec, anomaly).
+    ``channels`` as in :func:`load_tensors`."""
+    transform = channels if isinstance(channels, ImageTransform) else ImageTransform(channels)
     if os.path.isfile(path):
-        pixels = ImageTransform(channels).pixels({"path": path, "bytes": None})
+        pixels = transform.pixels({"path": path, "bytes": None})
         return FolderImages(to_float(pixels[None]), [None], [os.path.basename(path)])
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such image file or folder")
     if not _has_images(path):
         raise DataError(f"folder {path} contains no images; expected <folder>/<class>/*.png or a folder of images")
     try:
-        dd = datasets.load_dataset("imagefolder", data_dir=path)
+        dd = load_folder(path)
     except Exception as e:
         raise DataError(f"cannot read the images of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
     _warn_dropped_labels(path, dd)
@@ -466,7 +519,7 @@ def read_images(path: str, channels: int, batch_size: int = 500) -> FolderImages
     feature = ds.features.get("label")
     raw = list(ds["label"]) if "label" in ds.column_names else [None] * len(ds)
     labels = [None if v is None else feature.names[v] if isinstance(feature, ClassLabel) else str(v) for v in raw]
-    return FolderImages(load_tensors(ds.select_columns(["image"]), channels, batch_size)[0], labels, [files[i] for i in order])
+    return FolderImages(load_tensors(ds.select_columns(["image"]), transform, batch_size)[0], labels, [files[i] for i in order])
 
 
 # ---------------------------------------------------------------- streams larger than the disk

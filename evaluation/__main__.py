@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments
+from common.data import DataArguments, model_transform
 from common.files import atomic_write_text
 from sample.pipeline import ClassConditionalPipeline, SamplingArguments
 
@@ -53,7 +53,8 @@ def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: Samp
     space = ClassifierSpace(classifier) if args.features == "classifier" else InceptionSpace(sampling.device)
     names = list(classifier.config.class_names)
     if args.samples is not None:
-        images, labels = load_sample_folder(args.samples, names, classifier.config.in_channels)
+        transform = model_transform(data_args, classifier.config.in_channels, "the classifier")
+        images, labels = load_sample_folder(args.samples, names, transform)
     else:
         pipe = ClassConditionalPipeline.from_pretrained(args.prior, device=sampling.device)
         if pipe.class_names != names:

@@ -164,9 +164,10 @@ class Evaluator:
         return self.score_features(feats, logits, None if labels is None else torch.as_tensor(labels))
 
 
-def load_sample_folder(path: str, class_names: list[str], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_sample_folder(path: str, class_names: list[str], channels: int | ImageTransform) -> tuple[torch.Tensor, torch.Tensor]:
     """A folder in the layout ``python -m sample`` writes (``<class>/<i>.png`` + ``metadata.jsonl``), or
-    any imagefolder -> (images (N, C, H, W) in [-1, 1], class ids (N,) in ``class_names``, -1 if none)."""
+    any imagefolder -> (images (N, C, H, W) in [-1, 1], class ids (N,) in ``class_names``, -1 if none);
+    ``channels`` as in :func:`common.data.read_images`."""
     found = read_images(path, channels)
     unknown = sorted({w for w in found.labels if w is not None and w != "unconditional" and w not in class_names})
     if unknown:

@@ -3,7 +3,8 @@
     python -m sample --prior runs/prior --classes all --per-class 8 --output-dir samples/
 
 writes OUTPUT_DIR/<class_name>/<i>.png with OUTPUT_DIR/metadata.jsonl (so datasets' imagefolder loads it
-back with the class names as labels) and OUTPUT_DIR/grid.png with one labelled row per class.
+back with the class names as labels) and OUTPUT_DIR/grid.png with one labelled row per class (its first
+--grid-columns samples).
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def folder_name(pipe: ClassConditionalPipeline, class_id: int) -> str:
     return name.replace("/", "-").replace(os.sep, "-")  # "T-shirt/top" -> "T-shirt-top"
 
 
-def labelled_grid(images: torch.Tensor, names: list[str], per_class: int) -> Image.Image:
-    """One row per class, its name written in a margin on the left."""
-    grid = image_grid(images, nrow=per_class).convert("RGB")
+def labelled_grid(images: torch.Tensor, names: list[str], per_class: int, columns: int = 16) -> Image.Image:
+    """One row per class, its name written in a margin on the left: the first ``columns`` samples of each
+    class (``images`` holds ``per_class`` of each, class after class), so the grid stays readable."""
+    shown = min(per_class, columns)
+    images = images.view(len(names), per_class, *images.shape[1:])[:, :shown].flatten(0, 1)
+    grid = image_grid(images, nrow=shown).convert("RGB")
     row_h = grid.height // len(names)
     margin = 8 + 7 * max(len(n) for n in names)
     out = Image.new("RGB", (grid.width + margin, grid.height), "white")
@@ -53,6 +57,7 @@ class SampleArguments:
     classes: str = option("all", "'all' or a comma list of ids and names, e.g. 0,3,Sneaker.")
     per_class: int = option(8, "Images per class.", domain="positive")
     output_dir: str = option("samples", "Written whole at the end: <class>/<i>.png, metadata.jsonl, grid.png.")
+    grid_columns: int = option(16, "Samples of each class shown in grid.png (its row); every sample is written as its own file.", domain="positive")  # fmt: skip
 
     def validate(self) -> None:
         if not self.prior:
@@ -79,7 +84,7 @@ def main(argv=None):
     with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     names = [folder_name(pipe, c) if c < 0 else pipe.class_names[c] for c in classes]
-    labelled_grid(images, names, args.per_class).save(os.path.join(tmp, "grid.png"))
+    labelled_grid(images, names, args.per_class, args.grid_columns).save(os.path.join(tmp, "grid.png"))
     publish_dir(tmp, args.output_dir)
     print(f"wrote {len(labels)} samples of {len(classes)} classes to {args.output_dir}; grid: {os.path.join(args.output_dir, 'grid.png')}")
 

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from common.data import DataArguments, ImageTransform, load_image_data, stream_loader
+from common.data import ImageTransform, TrainingDataArguments, load_image_data, stream_loader
 from conftest import accelerate_launch, resumed_and_uninterrupted
 
 
@@ -19,7 +19,7 @@ def train_only(tmp_path_factory, fashion):
 
 
 def test_stream_holds_out_an_evaluation_set_by_count(train_only):
-    data = load_image_data(DataArguments(dataset=str(train_only), streaming=True, max_eval_samples=40))
+    data = load_image_data(TrainingDataArguments(dataset=str(train_only), streaming=True, max_eval_samples=40))
     assert isinstance(data.train, datasets.IterableDataset) and isinstance(data.test, datasets.Dataset)
     assert len(data.test) == 40 and data.channels == 1 and data.size == (28, 28)
     held_out = {v["bytes"] for v in data.test["image"]}
@@ -28,7 +28,7 @@ def test_stream_holds_out_an_evaluation_set_by_count(train_only):
 
 
 def test_stream_position_resumes_exactly_across_epochs(train_only):
-    data = load_image_data(DataArguments(dataset=str(train_only), streaming=True, max_eval_samples=40))
+    data = load_image_data(TrainingDataArguments(dataset=str(train_only), streaming=True, max_eval_samples=40))
     loader = stream_loader(data.train, ImageTransform(1), 32, seed=0, buffer_size=50, rank=0, world_size=1)
     it = iter(loader)
     for _ in range(5):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, ImageTransform, image_loaders, load_image_data
+from common.data import ImageTransform, TrainingDataArguments, image_loaders, load_image_data
 from evaluation.classifier import Classifier, ClassifierConfig
 from train.loop import TrainingArguments, make_accelerator, train
 
@@ -40,7 +40,7 @@ def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
 class ClassifierStage:
     name = "classifier"
 
-    def __init__(self, data_args: DataArguments, model_args: ClassifierArguments):
+    def __init__(self, data_args: TrainingDataArguments, model_args: ClassifierArguments):
         self.data_args, self.model_args = data_args, model_args
 
     def training_loss(self, model, batch, step):
@@ -76,7 +76,7 @@ class ClassifierStage:
 
 
 def main(argv=None):
-    args, data_args, model_args = parse_args((TrainingArguments, DataArguments, ClassifierArguments), argv,
+    args, data_args, model_args = parse_args((TrainingArguments, TrainingDataArguments, ClassifierArguments), argv,
                                              learning_rate=3e-3, lr_scheduler="cosine", weight_decay=0.05,
                                              train_batch_size=128, max_train_steps=1000, lr_warmup_steps=100)  # fmt: skip
     accelerator = make_accelerator(args)

@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from tokenizer import VQVAE
-from common.data import (DataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
+from common.data import (TrainingDataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
                         load_image_data, model_input)  # fmt: skip
 from common.cli import option, parse_args, run_main
 
@@ -79,7 +79,7 @@ def encode_split(model: VQVAE, ds: datasets.Dataset | datasets.IterableDataset, 
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def encode_dataset(tokenizer_ref: str, data_args: DataArguments, output_dir: str, batch_size: int,
+def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_dir: str, batch_size: int,
                    accelerator: Accelerator) -> dict:  # fmt: skip
     """Encode every split of ``data_args.dataset`` with the tokenizer; write ``output_dir``; return metadata."""
     model = VQVAE.from_pretrained(tokenizer_ref).to(accelerator.device).eval()
@@ -115,7 +115,7 @@ def encode_dataset(tokenizer_ref: str, data_args: DataArguments, output_dir: str
 
 
 def main(argv=None):
-    args, data_args = parse_args((EncodeArguments, DataArguments), argv)
+    args, data_args = parse_args((EncodeArguments, TrainingDataArguments), argv)
     if not args.tokenizer:
         raise ValueError("--tokenizer is required: a train.tokenizer output folder or a Hub id")
     accelerator = Accelerator()

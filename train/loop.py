@@ -66,7 +66,7 @@ class TrainingArguments:
     # GPU speed. Each is measured against its absence in bench/gpu.py.
     tf32: bool = option(True, "TF32 matmuls on Ampere and newer GPUs (the quantizer's distances stay full float32).")  # fmt: skip
     fused_adamw: bool | None = option(None, "AdamW's fused kernel; unset: on when training on a GPU.")
-    torch_compile: bool = option(False, "torch.compile the model (accelerate's inductor backend); also `accelerate launch --dynamo_backend inductor`.")  # fmt: skip
+    torch_compile: bool = option(False, "torch.compile the model (accelerate's inductor backend; on a CPU it slows the tokenizer, docs/scaling.md); also `accelerate launch --dynamo_backend inductor`.")  # fmt: skip
 
     def validate(self) -> None:
         trackers = {"none", "all", "wandb", "tensorboard"}

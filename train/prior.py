@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments
+from common.data import DataArguments, TrainingDataArguments
 from common.images import image_grid
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import GUIDANCE_SCHEDULES, PriorInfo, bits, build_prior, generate_codes, prior_loss
@@ -138,7 +138,7 @@ class PriorStage:
 
 
 def main(argv=None):
-    args, data_args, prior_args = parse_args((TrainingArguments, DataArguments, PriorArguments), argv,
+    args, data_args, prior_args = parse_args((TrainingArguments, TrainingDataArguments, PriorArguments), argv,
                                              lr_scheduler="cosine", learning_rate=6e-4, weight_decay=0.1,
                                              adam_beta2=0.95, lr_warmup_steps=200)  # fmt: skip
     accelerator = make_accelerator(args)

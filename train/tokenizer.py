@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel as unwrap
 
 from common.cli import option, parse_args, run_main
-from common.data import DataArguments, image_loader, image_loaders, load_image_data, model_input
+from common.data import TrainingDataArguments, image_loader, image_loaders, load_image_data, model_input
 from common.images import image_grid, psnr
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from tokenizer import PRESETS, VQVAE, get_config
@@ -30,7 +30,7 @@ class TokenizerArguments:
     num_downsamples: int | None = option(None, "Override the preset's stride-2 steps: the code grid is the image size / 2**N (presets: 2).", domain="positive")  # fmt: skip
     dead_threshold: float | None = option(None, "Override the dead-code threshold (0: no restarts).", domain="non-negative")  # fmt: skip
     num_grid_images: int = option(16, "Test images in the reconstruction grid.", domain="positive")
-    channels_last: bool = option(False, "NHWC memory format for the convolutions (measured 0.93x, slower, on an H100 in bf16: docs/gpu/).")
+    channels_last: bool = option(False, "NHWC memory format for the convolutions (off: it measured slower on a GPU, docs/scaling.md).")
     classifier: str | None = option(None, "Reference classifier: evaluation then reports the reconstructions' Fréchet distance, precision, recall and class accuracy.")  # fmt: skip
     # Codebook options (in the quantizer; EMA, restarts and the distributed equivalence hold for all).
     codebook_dim: int | None = option(None, "Quantize in this many dimensions, through 1x1 projections (LlamaGen: 8).", domain="positive")  # fmt: skip
@@ -51,7 +51,7 @@ class TokenizerArguments:
 class TokenizerStage:
     name = "tokenizer"
 
-    def __init__(self, data_args: DataArguments, model_args: TokenizerArguments, grid_images: torch.Tensor,
+    def __init__(self, data_args: TrainingDataArguments, model_args: TokenizerArguments, grid_images: torch.Tensor,
                  crop: tuple[int, int] | None = None, evaluator: Evaluator | None = None, in_channels: int = 1):  # fmt: skip
         self.data_args, self.model_args, self.grid_images, self.evaluator = data_args, model_args, grid_images, evaluator
         self.crop = crop  # (H, W) of the original images when they were padded
@@ -157,7 +157,7 @@ class TokenizerStage:
 
 
 def main(argv=None):
-    args, data_args, model_args = parse_args((TrainingArguments, DataArguments, TokenizerArguments), argv)
+    args, data_args, model_args = parse_args((TrainingArguments, TrainingDataArguments, TokenizerArguments), argv)
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
         data = load_image_data(data_args, seed=args.seed)

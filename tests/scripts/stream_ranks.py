@@ -10,10 +10,10 @@ import sys
 
 from accelerate import Accelerator
 
-from common.data import DataArguments, ShuffledStream, load_image_data
+from common.data import TrainingDataArguments, ShuffledStream, load_image_data
 
 state = Accelerator()  # initialises torch.distributed (gloo on CPU) under accelerate launch
-data = load_image_data(DataArguments(dataset=sys.argv[1], streaming=True, max_eval_samples=20))
+data = load_image_data(TrainingDataArguments(dataset=sys.argv[1], streaming=True, max_eval_samples=20))
 stream = ShuffledStream(data.train, buffer_size=16, seed=0, rank=state.process_index, world_size=state.num_processes)
 seen = []
 for example in stream:
