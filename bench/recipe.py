@@ -23,6 +23,7 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import statistics
 import time
@@ -32,6 +33,7 @@ import torch
 from bench.common import machine
 from common.cli import keep_freed_memory
 from common.data import DataArguments, column, load_tensors
+from common.images import psnr
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from sample import ClassConditionalPipeline
 from tokenizer import VQVAE
@@ -67,6 +69,17 @@ TOKENIZERS = {
     # The stretch target of issue 8 (the demo in half the time): the 7x7 tokenizer in half its steps.
     "lr2e-3-500": ["--learning-rate", "2e-3", "--max-train-steps", "500"],
     "lr4e-3-500": ["--learning-rate", "4e-3", "--max-train-steps", "500"],
+    # Levels of codes on the presets' 7x7 grid (docs/tokenizer.md#levels-of-codes): residual levels, a codebook
+    # each or one shared, with quantizer dropout so that every prefix decodes.
+    "residual-2": ["--quantizer", "residual", "--levels", "2", "--quantizer-dropout", "0.5"],
+    "residual-4": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5"],
+    "residual-4-shared": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--shared-codebook"],
+    "residual-4-lr2e-3": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--learning-rate", "2e-3"],
+    "residual-4-nodrop": ["--quantizer", "residual", "--levels", "4"],
+    # VAR's residual scales, ending at the 7x7 grid and at the 14x14 one; Gumbel-softmax codes.
+    "multiscale-7": ["--quantizer", "multiscale", "--scales", "1,2,4,7", "--quantizer-dropout", "0.5"],
+    "multiscale-14": [*GRID14, "--learning-rate", "4e-3", "--quantizer", "multiscale", "--scales", "1,2,4,7,14", "--quantizer-dropout", "0.5"],
+    "gumbel": ["--quantizer", "gumbel"],
 }
 # name -> (tokenizer row, options of train.prior beyond the common ones: fashion-mnist preset, batch 128).
 PRIORS = {
@@ -192,12 +205,16 @@ def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Te
     return load_tensors(evaluator.data.test.select(pick.tolist()), evaluator.data.channels)
 
 
-def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int):
+def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int, levels: int | None = None):
     """Reconstructions of as many test images per class as there are samples: what a prior on this
-    tokenizer can at best reach (the issue's bound: samples never worse than 1.5x it)."""
+    tokenizer can at best reach (the issue's bound: samples never worse than 1.5x it); from the first
+    ``levels`` levels of its codes (all by default)."""
     tok = VQVAE.from_pretrained(tokenizer_dir).to(device).eval()
     x, y = balanced_test_images(evaluator, per_class)
-    return evaluator.score(tok.decode(tok.encode(x.to(device))).cpu(), y)
+    recon = tok.decode(tok.encode(x.to(device)), levels=levels).cpu()
+    r = evaluator.score(recon, y)
+    r.psnr = float(psnr(recon, x).mean())
+    return r
 
 
 def _log(log, record: dict) -> None:
@@ -241,7 +258,17 @@ def main():
             print(f"tokenizer {name}: recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), PSNR {metrics['psnr']:.2f}, "
                   f"usage {metrics['codebook_usage']:.3f}, {minutes or 0:.1f} min", flush=True)  # fmt: skip
             _log(log, {"kind": "tokenizer", "row": name, "dataset": args.dataset, "options": TOKENIZERS[name], "minutes": minutes,
-                       "device": machine(), **{k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity")}, **r.to_dict()})  # fmt: skip
+                       "device": machine(), **{k: v for k, v in metrics.items() if k.startswith(("psnr", "codebook_usage", "perplexity"))},
+                       **r.to_dict()})  # fmt: skip
+            tok_model = VQVAE.from_pretrained(tok)
+            grid = tok_model.code_layout(*evaluator.data.size)
+            for d in range(1, tok_model.num_levels + 1):  # the rate-distortion table: every prefix of the levels
+                r = recon_report(tok, evaluator, args.device, args.per_class, levels=d)
+                bits = grid.length(d) * math.log2(tok_model.config.num_codes)
+                print(f"tokenizer {name}, first {d} level(s): {bits:.0f} bits per image, PSNR {r.psnr:.2f}, "
+                      f"recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor)", flush=True)  # fmt: skip
+                _log(log, {"kind": "tokenizer-levels", "row": name, "levels": d, "bits_per_image": bits, "psnr": r.psnr,
+                           "dataset": args.dataset, "device": machine(), **r.to_dict()})  # fmt: skip
         priors = [("given", args.prior, None)] if args.prior else [(n, *train_prior(args.out, n, extra, args.dataset)) for n in pick(args.priors, PRIORS)]  # fmt: skip
         for name, path, minutes in priors:
             pipe = ClassConditionalPipeline.from_pretrained(path, device=args.device)

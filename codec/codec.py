@@ -122,6 +122,9 @@ class Codec:
     """
 
     def __init__(self, tokenizer: VQVAE, prior=None, info: PriorInfo | None = None):
+        if tokenizer.num_levels > 1:
+            raise UserError(f"the tokenizer makes {tokenizer.num_levels} levels of codes; the codec codes one level: "
+                            "use a tokenizer trained with --quantizer ema")  # fmt: skip
         self.tokenizer = tokenizer.eval()
         self.num_codes = tokenizer.config.num_codes
         self.prior, self.info = None, info

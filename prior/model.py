@@ -61,6 +61,10 @@ class PriorInfo:
     @classmethod
     def from_dict(cls, meta: dict) -> PriorInfo:
         """From a prior's ``config.vqgpt`` or the ``vqgpt_codes.json`` of train.encode (C = number of names)."""
+        levels = meta.get("levels") or [meta["grid"]]
+        if len(levels) > 1:  # tokenizer.codes: a prior over several levels of codes is not built yet
+            raise ValueError(f"these codes have {len(levels)} levels of {levels[-1][0]}x{levels[-1][1]}; the priors model one level "
+                             "of codes: train them on the codes of a tokenizer with --quantizer ema")  # fmt: skip
         size = tuple(meta["image_size"]) if meta.get("image_size") else None
         num_classes = meta.get("num_classes", len(meta["class_names"]))
         return cls(meta["num_codes"], num_classes, list(meta["class_names"]), tuple(meta["grid"]), meta.get("tokenizer"), size,
@@ -76,6 +80,8 @@ class PriorInfo:
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a tokenizer whose K, or whose code grid for the prior's image size, differs."""
         k = tokenizer.config.num_codes
+        if tokenizer.num_levels > 1:
+            raise ValueError(f"the tokenizer makes {tokenizer.num_levels} levels of codes but the prior models one level; use the tokenizer it names ({self.tokenizer})")  # fmt: skip
         if k != self.num_codes:
             raise ValueError(f"tokenizer has K={k} codes but the prior was trained on K={self.num_codes}; use the tokenizer it names ({self.tokenizer})")  # fmt: skip
         if self.image_size is not None:

@@ -41,6 +41,16 @@ ROWS = [
     ("train.tokenizer", ["--only-classes", "Unicorn"], 1, ["--only-classes", "Unicorn"]),
     ("train.tokenizer", ["--classifier", "{tok}"], 1, ["holds a tokenizer", "not a classifier"]),
     ("train.tokenizer", ["--resume-from-checkpoint", "/no/ckpt"], 1, ["/no/ckpt", "does not exist"]),
+    # train.tokenizer: levels of codes
+    ("train.tokenizer", ["--quantizer", "residual", "--levels", "0"], 2, ["--levels", "0", "positive"]),
+    ("train.tokenizer", ["--levels", "3"], 2, ["--levels 3", "--quantizer residual"]),
+    ("train.tokenizer", ["--shared-codebook"], 2, ["--shared-codebook", "--quantizer residual"]),
+    ("train.tokenizer", ["--quantizer", "residual", "--levels", "2", "--quantizer-dropout", "1.5"], 2, ["--quantizer-dropout", "1.5"]),  # fmt: skip
+    ("train.tokenizer", ["--quantizer", "residual", "--levels", "2", "--codebook-dim", "8"], 2, ["--codebook-dim", "one level"]),  # fmt: skip
+    ("train.tokenizer", ["--quantizer", "fsq"], 2, ["--quantizer", "fsq", "residual", "gumbel"]),
+    ("train.tokenizer", ["--gumbel-anneal-steps", "10"], 2, ["--gumbel-anneal-steps", "--quantizer gumbel"]),
+    ("train.tokenizer", ["--quantizer", "multiscale", "--scales", "1,4,2"], 2, ["--scales 1,4,2", "increasing"]),
+    ("train.tokenizer", ["--quantizer", "multiscale", "--scales", "1,2,4,8"], 1, ["end at 8x8", "7x7", "the last scale must be the grid"]),  # fmt: skip
     # train.encode
     ("train.encode", [], 1, ["--tokenizer is required"]),
     ("train.encode", ["--tokenizer", "{prior}"], 1, ["holds a prior", "not a tokenizer"]),
@@ -53,6 +63,7 @@ ROWS = [
     ("train.prior", ["--codes", "{codes}", "--arch", "bert"], 2, ["--arch", "bert", "llama"]),
     ("train.prior", ["--codes", "{codes}", "--sample-top-p", "0"], 2, ["--sample-top-p", "0"]),
     ("train.prior", ["--codes", "{codes}", "--max-train-steps", "0"], 2, ["--max-train-steps", "0"]),
+    ("train.prior", ["--codes", "{codes_levels}"], 1, ["2 levels of 7x7", "one level"]),
     # train.classifier
     ("train.classifier", ["--width", "0"], 2, ["--width", "0"]),
     ("train.classifier", ["--dropout", "1.5"], 2, ["--dropout", "1.5"]),
@@ -71,6 +82,7 @@ ROWS = [
     ("sample", ["--prior", "{prior}", "--top-k", "-3"], 2, ["--top-k", "-3"]),
     ("sample", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0", "positive"]),
     ("sample", ["--prior", "{prior}", "--classes", "Unicorn"], 1, ["Unicorn"]),
+    ("sample", ["--prior", "{prior}", "--tokenizer", "{tok_levels}"], 1, ["2 levels of codes", "one level"]),
     # tokenizer.push
     ("tokenizer.push", ["{prior}", "user/repo"], 1, ["holds a prior", "not a tokenizer"]),
     ("tokenizer.push", ["/no/run", "user/repo"], 1, ["/no/run"]),
@@ -80,6 +92,7 @@ ROWS = [
     ("evaluation", ["--prior", "{prior}", "--classifier", "{tok}"], 1, ["holds a tokenizer", "not a classifier"]),
     ("evaluation", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0"]),
     ("evaluation", ["--prior", "{prior}", "--features", "bogus"], 2, ["--features", "bogus"]),
+    ("evaluation", ["--samples", "{mixed}", "--classifier", "{clf}"], 1, ["colour", "the classifier takes grayscale", "--image-channels 1"]),
     # python -m codec
     ("codec", ["frobnicate", "--prior", "{prior}", "--output", X], 2, ["frobnicate", "compress"]),
     ("codec", ["compress", "--prior", "{prior}", "--input", "/no/img.png", "--output", X], 2, ["--input", "/no/img.png"]),
@@ -87,6 +100,10 @@ ROWS = [
     ("codec", ["decompress", "--prior", "{prior}", "--input", "{png}", "--output", X], 1, ["not a vqgpt codec file"]),
     ("codec", ["decompress", "--prior", "{prior}", "--input", "{truncated}", "--output", X], 1, ["truncated.vqg", "truncated"]),
     ("codec", ["decompress", "--prior", "{prior}", "--input", "{tok_only}", "--output", X], 1, ["tok_only.vqg", "no prior"]),
+    ("codec", ["compress", "--prior", "{prior}", "--input", "{mixed}", "--output", X], 1, ["colour", "the tokenizer takes grayscale", "--image-channels 1"]),  # fmt: skip
+    ("codec", ["compress", "--prior", "{prior}", "--input", "{png}", "--image-channels", "3", "--output", X], 2, ["--image-channels 3", "1 channel"]),  # fmt: skip
+    ("codec", ["decompress", "--prior", "{prior}", "--input", "{png}", "--streaming"], 2, ["unrecognized", "--streaming"]),
+    ("codec", ["compress", "--tokenizer", "{tok_levels}", "--input", "{png}", "--output", X], 1, ["2 levels of codes", "one level"]),
     # python -m anomaly
     ("anomaly", ["--prior", "{prior}", "--fpr", "1.5"], 2, ["--fpr", "1.5"]),
     ("anomaly", ["--prior", "{clf}"], 1, ["holds a classifier", "not a prior"]),
@@ -95,6 +112,7 @@ ROWS = [
     ("anomaly", ["--prior", "{prior}", "--reference", "train"], 2, ["--reference train", "--normal-classes"]),
     ("anomaly", ["--prior", "{prior}", "--reference", "{out}/nowhere"], 2, ["--reference", "nowhere"]),
     ("anomaly", ["--prior", "{prior}", "--knn-k", "0"], 2, ["--knn-k", "0"]),
+    ("anomaly", ["--prior", "{prior}", "--input", "{mixed}"], 1, ["colour", "the tokenizer takes grayscale", "--image-channels 1"]),
     ("anomaly", ["--prior", "{prior}", "--input", "{empty}", "--normal-classes", "0", "--reference", "train"], 2, ["--reference train", "--input"]),  # fmt: skip
     # the demo
     ("demo.py", ["--tokenizer-steps", "0"], 2, ["--tokenizer-steps", "0"]),
@@ -147,6 +165,13 @@ def _bad_inputs(root, chain, fashion):
     paths.update(strings=str(root / "strings"), floats=str(root / "floats"))
     gray[0].save(root / "photo.png")
     paths["png"] = str(root / "photo.png")
+    # A tokenizer with two residual levels (untrained: its codes are codes all the same) and its codes.
+    from tokenizer import VQVAE, get_config
+
+    VQVAE(get_config("tiny", quantizer="residual", levels=2)).save_pretrained(root / "tok_levels")
+    python_m("train.encode", "--tokenizer", str(root / "tok_levels"), "--max-train-samples", "64", "--max-eval-samples", "32",
+             "--output-dir", str(root / "codes_levels"))  # fmt: skip
+    paths.update(tok_levels=str(root / "tok_levels"), codes_levels=str(root / "codes_levels"))
     python_m("codec", "compress", "--prior", paths["prior"], "--input", paths["png"], "--output", str(root / "full.vqg"))
     (root / "truncated.vqg").write_bytes((root / "full.vqg").read_bytes()[:15])
     python_m("codec", "compress", "--tokenizer", paths["tok"], "--input", paths["png"], "--output", str(root / "tok_only.vqg"))

@@ -107,15 +107,19 @@ def test_push_cli_uploads_config_weights_and_card(tmp_path, trained_tiny, fashio
 
 
 def test_training_push_to_hub(tmp_path):
+    """A multi-level tokenizer (residual scales) goes up with its levels in the config and the card."""
     from train.tokenizer import main as train_main
 
     hub = FakeHub(tmp_path / "hub")
     with hub.patches():
         train_main(["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--max-train-steps", "4",
                     "--train-batch-size", "16", "--max-train-samples", "256", "--max-eval-samples", "64",
+                    "--quantizer", "multiscale", "--scales", "1,2,4,7", "--quantizer-dropout", "0.5",
                     "--push-to-hub", "--hub-model-id", "someone/tok"])  # fmt: skip
     repo = tmp_path / "hub" / "someone" / "tok"
     assert sorted(os.listdir(repo)) == ["README.md", "config.json", "model.safetensors"]
     card = (repo / "README.md").read_text()
     assert "fashion_mnist" in card and "codebook_usage" in card and "psnr" in card
-    VQVAE.from_pretrained(repo)
+    assert "residual scales 1,2,4,7 of codes" in card and "psnr_levels_3" in card
+    loaded = VQVAE.from_pretrained(repo)
+    assert loaded.num_levels == 4 and loaded.code_layout(28, 28).length() == 70

@@ -24,7 +24,8 @@ def test_unknown_preset_lists_the_known_ones():
 def test_forward_reports_codebook_statistics():
     model = VQVAE(get_config("tiny")).train()
     out = model(torch.rand(4, 1, 28, 28) * 2 - 1)
-    assert set(out.stats) == {"perplexity", "usage", "restarted", "counts", "window_usage"}
+    assert set(out.stats) == {"perplexity", "usage", "restarted", "counts", "window_usage", "level_usage"}
+    assert out.stats["level_usage"] is None, "one level"
     assert out.stats["counts"].sum() == 4 * 49
     assert 0 < out.stats["usage"] <= 1 and out.stats["perplexity"] >= 1
     assert torch.allclose(out.loss, out.reconstruction_loss + out.commitment_loss)

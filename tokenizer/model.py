@@ -10,7 +10,46 @@ from torch import nn
 
 from common.hub import HubMixin
 
-from .quantizer import EMAQuantizer
+from .codes import CodeLayout
+from .quantizer import EMAQuantizer, GumbelQuantizer, MultiScaleQuantizer, ResidualQuantizer
+
+QUANTIZERS = ("ema", "residual", "multiscale", "gumbel")
+ONE_LEVEL = ("ema", "gumbel")  # quantizers whose codes are one grid
+
+
+def check_config(cfg: "VQVAEConfig") -> None:
+    """One line for a configuration whose quantizer options do not fit together."""
+    if cfg.quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer {cfg.quantizer!r}: expected one of {', '.join(QUANTIZERS)}")
+    if cfg.levels < 1:
+        raise ValueError(f"--levels {cfg.levels}: expected a positive number of levels")
+    if cfg.quantizer in ONE_LEVEL:
+        for given, value, needs in ((f"--levels {cfg.levels}", cfg.levels != 1, "--quantizer residual"),
+                                    ("--shared-codebook", cfg.shared_codebook, "--quantizer residual"),
+                                    ("--scales", cfg.scales, "--quantizer multiscale"),
+                                    (f"--quantizer-dropout {cfg.quantizer_dropout}", cfg.quantizer_dropout, "--quantizer residual or multiscale")):  # fmt: skip
+            if value:
+                raise ValueError(f"{given} needs levels of codes: pass {needs}")
+    if cfg.quantizer == "multiscale":
+        check_scales(cfg.scales)
+        if cfg.levels != 1 or cfg.shared_codebook:
+            raise ValueError(f"{'--levels' if cfg.levels != 1 else '--shared-codebook'} is for --quantizer residual; a multiscale quantizer has one codebook and a level per scale")  # fmt: skip
+    elif cfg.scales:
+        raise ValueError("--scales needs --quantizer multiscale")
+    if not 0 <= cfg.quantizer_dropout <= 1:
+        raise ValueError(f"--quantizer-dropout {cfg.quantizer_dropout}: expected a probability in [0, 1]")
+    if cfg.quantizer == "gumbel" and (cfg.dead_threshold and cfg.dead_threshold != VQVAEConfig.dead_threshold or cfg.rotation_trick):
+        raise ValueError(f"{'--rotation-trick' if cfg.rotation_trick else '--dead-threshold'} is for nearest-code quantizers; --quantizer gumbel learns its codebook by gradient")  # fmt: skip
+    if cfg.quantizer != "ema" and (cfg.codebook_dim or cfg.l2_codes):
+        raise ValueError(f"--codebook-dim and --l2-codes quantize one level; with --quantizer {cfg.quantizer} leave them out")
+
+
+def check_scales(scales) -> None:
+    """Scales must be given, positive and strictly increasing (the last must be the grid: checked on images)."""
+    if not scales:
+        raise ValueError("--quantizer multiscale needs --scales, e.g. 1,2,4,7 (the last one the code grid)")
+    if any(s < 1 for s in scales) or any(a >= b for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"--scales {','.join(map(str, scales))}: expected positive sizes in increasing order, the last one the code grid")  # fmt: skip
 
 
 @dataclass
@@ -31,6 +70,19 @@ class VQVAEConfig:
     codebook_dim: int | None = None  # codes in a smaller space than D, through 1x1 projections (LlamaGen: 8)
     l2_codes: bool = False  # unit-norm codes and inputs: nearest by cosine (LlamaGen)
     rotation_trick: bool = False  # gradients to the encoder by rotation (Fifty et al. 2024), not copied
+    # Levels of codes (tokenizer.codes): "ema" quantizes once; "residual" quantizes `levels` times at every
+    # position, each level what the levels before it left; "multiscale" quantizes the residual at each of
+    # `scales` (s x s grids, the last one the code grid), VAR's tokenizer.
+    quantizer: str = "ema"
+    levels: int = 1  # levels of a residual quantizer
+    scales: list[int] | None = None  # the scales of a multiscale quantizer, increasing, ending at the code grid
+    shared_codebook: bool = False  # one codebook for every residual level instead of one each
+    quantizer_dropout: float = 0.0  # fraction of training images that keep only their first d levels (d uniform)
+    # "gumbel": Gumbel-softmax codes (taming's GumbelQuantize; DALL-E's temperatures and KL weight).
+    gumbel_kl_weight: float = 5e-4  # weight of the KL term to the uniform distribution over codes
+    gumbel_tau_start: float = 1.0  # temperature at the first step
+    gumbel_tau_end: float = 0.0625  # temperature after gumbel_anneal_steps (1/16)
+    gumbel_anneal_steps: int = 1000  # steps of the exponential annealing
 
     @property
     def downsample_factor(self) -> int:
@@ -135,12 +187,21 @@ class VQVAE(
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
+        check_config(config)
         self.encoder = Encoder(config)
-        self.quantizer = EMAQuantizer(
-            config.num_codes, config.code_dim, beta=config.beta, decay=config.decay, eps=config.eps,
-            dead_threshold=config.dead_threshold, kmeans_iters=config.kmeans_iters, seed=config.seed,
-            codebook_dim=config.codebook_dim, l2_codes=config.l2_codes, rotation_trick=config.rotation_trick,
-        )  # fmt: skip
+        common = dict(beta=config.beta, decay=config.decay, eps=config.eps, dead_threshold=config.dead_threshold,
+                      kmeans_iters=config.kmeans_iters, seed=config.seed, rotation_trick=config.rotation_trick)  # fmt: skip
+        if config.quantizer == "residual":
+            self.quantizer = ResidualQuantizer(config.num_codes, config.code_dim, config.levels, config.shared_codebook,
+                                               config.quantizer_dropout, **common)  # fmt: skip
+        elif config.quantizer == "multiscale":
+            self.quantizer = MultiScaleQuantizer(config.num_codes, config.code_dim, config.scales, config.quantizer_dropout, **common)
+        elif config.quantizer == "gumbel":
+            self.quantizer = GumbelQuantizer(config.num_codes, config.code_dim, config.gumbel_kl_weight, config.gumbel_tau_start,
+                                             config.gumbel_tau_end, config.gumbel_anneal_steps)  # fmt: skip
+        else:
+            self.quantizer = EMAQuantizer(config.num_codes, config.code_dim, codebook_dim=config.codebook_dim,
+                                          l2_codes=config.l2_codes, **common)  # fmt: skip
         self.decoder = Decoder(config)
 
     @property
@@ -150,6 +211,19 @@ class VQVAE(
     def code_grid(self, height: int, width: int) -> tuple[int, int]:
         f = self.downsample_factor
         return height // f, width // f
+
+    def code_layout(self, height: int, width: int) -> CodeLayout:
+        """The levels of codes of an image of this size (tokenizer.codes): one grid, ``levels`` of it, or
+        the scales (the last one must be the grid)."""
+        grid = self.code_grid(height, width)
+        if self.config.quantizer == "multiscale":
+            self.quantizer._check_grid(*grid)
+            return CodeLayout(tuple((s, s) for s in self.config.scales))
+        return CodeLayout((grid,) * self.config.levels)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.config.scales) if self.config.quantizer == "multiscale" else self.config.levels
 
     def check_images(self, x: torch.Tensor) -> None:
         c, f = self.config.in_channels, self.downsample_factor
@@ -168,16 +242,43 @@ class VQVAE(
         recon = self.decoder(q.quantized)
         rec_loss = F.mse_loss(recon.float(), x.float())
         stats = {"perplexity": q.perplexity, "usage": q.usage, "restarted": q.restarted, "counts": q.counts,
-                 "window_usage": q.window_usage}  # fmt: skip
+                 "window_usage": q.window_usage, "level_usage": getattr(q, "level_usage", None)}  # fmt: skip
         return VQVAEOutput(recon, q.indices, rec_loss + q.loss, rec_loss, q.loss, stats)
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> code indices (B, H/f, W/f), long."""
+        """Images (B, C, H, W) in [-1, 1] -> codes, long: (B, H/f, W/f) for one level, else (B, T), level
+        after level (tokenizer.codes)."""
         self.check_images(x)
         return self.quantizer.nearest_grid(self.encoder(x))
 
     @torch.inference_mode()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
-        return self.decoder(self.quantizer.lookup(indices.long())).clamp(-1, 1)
+    def decode(self, codes: torch.Tensor, levels: int | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Codes -> images (B, C, h*f, w*f) clamped to [-1, 1], from the first ``levels`` levels (all by
+        default). ``codes``: (B, h, w) for one level, or (B, T) rows of all levels or of the first
+        ``levels``; ``grid`` (h, w) is needed only for the rows of a non-square grid."""
+        return self.decoder(self.latent(codes, levels, grid)).clamp(-1, 1)
+
+    def latent(self, codes: torch.Tensor, levels: int | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The quantized latent (B, D, h, w) of the first ``levels`` levels of ``codes`` (see :meth:`decode`)."""
+        codes = codes.long()
+        if self.config.quantizer in ONE_LEVEL and codes.ndim == 3:
+            CodeLayout((tuple(codes.shape[1:]),)).levels(levels)
+            return self.quantizer.lookup(codes)
+        if self.config.quantizer == "multiscale":
+            layout = CodeLayout(tuple((s, s) for s in self.config.scales))
+        else:
+            layout = CodeLayout((grid or self._square_grid(codes, levels),) * self.num_levels)
+        grids = layout.split(codes, levels)
+        if self.config.quantizer in ONE_LEVEL:
+            return self.quantizer.lookup(grids[0])
+        return self.quantizer.lookup_levels(grids)
+
+    def _square_grid(self, codes: torch.Tensor, levels: int | None) -> tuple[int, int]:
+        """(h, w) of (B, T) rows of square grids: T is L * h * h (every level) or d * h * h (the first d)."""
+        if codes.ndim == 2:
+            for count in dict.fromkeys((self.num_levels, levels or self.num_levels)):
+                side = round((codes.shape[1] / count) ** 0.5)
+                if count * side * side == codes.shape[1]:
+                    return side, side
+        raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (B, h, w), or (B, T) rows of square grids (else pass grid=(h, w))")  # fmt: skip

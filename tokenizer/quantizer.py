@@ -10,6 +10,7 @@ processes with half a batch each end with the same codebook as one process with 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,19 @@ class EMAQuantizer(nn.Module):
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
         self._normalise_codebook()
 
+    @torch.no_grad()
+    def update(self, flat: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """One training step of the codebook from the vectors ``flat`` (N, d) assigned to ``idx`` (N,):
+        the EMA update, then dead-code restarts. Returns the global counts (K,), the codes restarted and
+        the usage over the last ``usage_window`` steps."""
+        counts, sums = self._counts_and_sums(flat, idx)
+        self.ema_update(counts, sums)
+        restarted = self.restart_dead_codes(flat) if self.dead_threshold > 0 else 0
+        self.last_used[counts > 0] = self.steps
+        window_usage = ((self.last_used >= 0) & (self.last_used > self.steps - self.usage_window)).float().mean()
+        self.steps += 1
+        return counts, restarted, window_usage
+
     def _normalise_codebook(self) -> None:
         """With l2 codes, every code is put back on the unit sphere (the EMA mean of unit vectors is not)."""
         if self.l2_codes:
@@ -224,6 +238,8 @@ class EMAQuantizer(nn.Module):
         if dead.numel() == 0:
             return 0
         _, population = _global_offsets(flat.shape[0], flat.device)
+        if population == 0:  # no vector this step (a residual level every image dropped): nothing to restart onto
+            return 0
         fresh = _gather_rows(flat, self._draw(dead.numel(), population, salt=2).to(flat.device))
         self.codebook[dead] = fresh
         self.ema_count[dead] = self.dead_threshold
@@ -253,12 +269,7 @@ class EMAQuantizer(nn.Module):
         q = F.embedding(idx, self.codebook).to(z.dtype)  # (N, d)
         window_usage = None
         if self.training:
-            counts, sums = self._counts_and_sums(flat, idx)
-            self.ema_update(counts, sums)
-            restarted = self.restart_dead_codes(flat) if self.dead_threshold > 0 else 0
-            self.last_used[counts > 0] = self.steps
-            window_usage = ((self.last_used >= 0) & (self.last_used > self.steps - self.usage_window)).float().mean()
-            self.steps += 1
+            counts, restarted, window_usage = self.update(flat, idx)
         else:
             counts = torch.bincount(idx, minlength=self.num_codes).float()
         indices = idx.view(b, h, w)
@@ -285,3 +296,335 @@ class EMAQuantizer(nn.Module):
             )
         codes = rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w").contiguous()  # as in forward
         return self.project_out(codes)
+
+
+# ---------------------------------------------------------------- residual levels
+
+
+@dataclass
+class ResidualOutput(QuantizerOutput):
+    level_usage: torch.Tensor | None = None  # (L,) fraction of each level's codebook used by this batch
+    level_window_usage: torch.Tensor | None = None  # (L,) the same over the last `usage_window` training batches
+
+
+class ResidualQuantizer(nn.Module):
+    """``levels`` EMA quantizers in a row at every position, each quantizing what the ones before it left
+    (residual quantization: RQ-VAE, SoundStream): ``z ~ e_1 + e_2 + ... + e_L``.
+
+    Every level is an :class:`EMAQuantizer` (its own codebook, or one ``shared_codebook``) and keeps its
+    guarantees: EMA with Laplace smoothing, restarts onto that level's residuals, data initialisation
+    from the first batch's residuals, float32 distances, all-reduced statistics. Each codebook takes one
+    update per step, from all the vectors assigned to it, ordered by example, so N processes end equal
+    to one process with the global batch.
+
+    ``dropout``: in training, that fraction of the examples keeps only its first ``d`` levels, ``d``
+    uniform in 1..L (SoundStream's quantizer dropout), so that every prefix of the levels decodes.
+    Codes are ``(B, L * h * w)``, level after level (:mod:`tokenizer.codes`).
+    """
+
+    def __init__(self, num_codes: int, dim: int, levels: int, shared_codebook: bool = False, dropout: float = 0.0,
+                 beta: float = 0.25, seed: int = 0, rotation_trick: bool = False, **kw):  # fmt: skip
+        super().__init__()
+        self.num_codes, self.input_dim, self.dim, self.num_levels = num_codes, dim, dim, levels
+        self.shared_codebook, self.dropout, self.beta, self.seed = shared_codebook, dropout, beta, seed
+        self.rotation_trick = rotation_trick
+        n = 1 if shared_codebook else levels
+        self.codebooks = nn.ModuleList(EMAQuantizer(num_codes, dim, beta=beta, seed=seed + i, **kw) for i in range(n))
+
+    def level(self, i: int) -> EMAQuantizer:
+        return self.codebooks[0 if self.shared_codebook else i]
+
+    @property
+    def steps(self) -> torch.Tensor:
+        return self.codebooks[0].steps
+
+    def _kept_levels(self, b: int, device: torch.device) -> torch.Tensor:
+        """(b,) levels each example of this rank keeps; drawn per example of the global batch, the same on
+        every rank (a CPU generator seeded by the step)."""
+        full = torch.full((b,), self.num_levels, dtype=torch.long)
+        if not (self.training and self.dropout > 0 and self.num_levels > 1):
+            return full.to(device)
+        offset, population = _global_offsets(b, device)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps) * 7919 + 3)
+        dropped = torch.rand(population, generator=g) < self.dropout
+        depth = torch.randint(1, self.num_levels + 1, (population,), generator=g)
+        return torch.where(dropped, depth, full.new_full((population,), self.num_levels))[offset : offset + b].to(device)
+
+    def forward(self, z: torch.Tensor) -> ResidualOutput:
+        """Quantize encoder outputs ``z`` (B, D, h, w) level by level; updates the codebooks in training only."""
+        if z.ndim != 4 or z.shape[1] != self.input_dim:
+            raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.input_dim}, h, w)")
+        b, _, h, w = z.shape
+        z_rows = rearrange(z, "b d h w -> (b h w) d")
+        residual = z_rows.detach().float()
+        kept = self._kept_levels(b, z.device).repeat_interleave(h * w)  # (N,) levels kept by each row's image
+        total = torch.zeros_like(residual)  # the sum of the kept levels' codes
+        idxs, residuals, loss = [], [], z_rows.new_zeros(())
+        for i in range(self.num_levels):
+            quantizer = self.level(i)
+            if self.training and not bool(quantizer.initialized):
+                quantizer.init_from_data(residual)  # level i's codebook from level i's residuals
+            idx = quantizer.nearest(residual)
+            q = F.embedding(idx, quantizer.codebook)  # the codebook before this step's update
+            used = (kept > i).float()[:, None]
+            # Commitment to every partial sum the image keeps: |z - sg(e_1 + ... + e_i)|^2.
+            partial = total + q
+            loss = loss + (((z_rows.float() - partial) ** 2) * used).sum() / used.sum().clamp(min=1) / self.dim
+            total = total + q * used
+            idxs.append(idx)
+            residuals.append(residual)
+            residual = residual - q
+        loss = self.beta * loss / self.num_levels
+        indices = torch.stack(idxs)  # (L, N)
+        counts, restarted, window = self._update(torch.stack(residuals), indices, kept, b) if self.training else (None, 0, None)
+        if counts is None:  # evaluation: this batch's counts per level
+            counts = torch.stack([torch.bincount(i, minlength=self.num_codes).float() for i in idxs])
+        q = total.to(z.dtype)
+        if torch.is_grad_enabled() and z.requires_grad:
+            q = rotate_to(z_rows, q.detach()) if self.rotation_trick else z_rows + (q - z_rows).detach()
+        q = rearrange(q, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous()
+        p = counts.sum(0) / counts.sum().clamp(min=1)
+        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+        level_usage = (counts > 0).float().mean(1)
+        codes = rearrange(indices, "l (b n) -> b (l n)", b=b)  # level after level (tokenizer.codes)
+        return ResidualOutput(q, codes, loss, counts, perplexity, level_usage.min(), restarted,
+                              None if window is None else window.min(), level_usage, window)  # fmt: skip
+
+    @torch.no_grad()
+    def _update(self, residuals: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor, b: int):
+        """One EMA step of every codebook from the rows assigned to it that their image keeps, ordered by
+        example, then level, then position (so the global batch is every rank's rows in rank order).
+        Returns per-level counts (L, K), restarts, and per-level window usage (L,)."""
+        L, n = indices.shape
+        used = kept[None, :] > torch.arange(L, device=kept.device)[:, None]  # (L, N)
+        by_example = lambda t: rearrange(t, "l (b p) ... -> (b l p) ...", b=b)  # noqa: E731
+        counts, restarted, windows = [], 0, []
+        groups = [list(range(L))] if self.shared_codebook else [[i] for i in range(L)]
+        for group in groups:
+            sel = torch.tensor(group, device=indices.device)
+            flat, idx, mask = (by_example(t[sel]) for t in (residuals, indices, used))
+            c, r, wu = self.level(group[0]).update(flat[mask], idx[mask])
+            restarted += r
+            for i in group:  # each level's own counts (a shared codebook's mix every level's)
+                own = c if len(group) == 1 else torch.bincount(indices[i][used[i]], minlength=self.num_codes).float()
+                counts.append(own if len(group) == 1 else _all_reduce_sum(own))
+                windows.append(wu)
+        return torch.stack(counts), restarted, torch.stack(windows)
+
+    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes (B, L * h * w) of encoder outputs (B, D, h, w), level after level; no updates."""
+        b, _, h, w = z.shape
+        residual = rearrange(z, "b d h w -> (b h w) d").float()
+        idxs = []
+        for i in range(self.num_levels):
+            idx = self.level(i).nearest(residual)
+            residual = residual - F.embedding(idx, self.level(i).codebook)
+            idxs.append(idx)
+        return rearrange(torch.stack(idxs), "l (b n) -> b (l n)", b=b)
+
+    def lookup_levels(self, grids: list[torch.Tensor]) -> torch.Tensor:
+        """The latent (B, D, h, w) of the first ``len(grids)`` levels: the sum of their codes."""
+        return sum(self.level(i).lookup(g) for i, g in enumerate(grids))
+
+
+# ---------------------------------------------------------------- residual scales
+
+
+class Phi(nn.Module):
+    """VAR's refinement of an upsampled scale: ``(1 - r) h + r conv3x3(h)``, r = 0.5."""
+
+    def __init__(self, dim: int, ratio: float = 0.5):
+        super().__init__()
+        self.conv, self.ratio = nn.Conv2d(dim, dim, 3, padding=1), ratio
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * (1 - self.ratio) + self.conv(h) * self.ratio
+
+
+class MultiScaleQuantizer(nn.Module):
+    """Residual scales ending at the code grid (VAR's tokenizer, Tian et al. 2024): scale ``s`` quantizes
+    the residual of the scales before it, area-downsampled to ``s x s``; its codes are upsampled back to
+    the grid (bicubic) and refined by a small convolution (:class:`Phi`) before they are subtracted. One
+    EMA codebook serves every scale (VAR's), with the guarantees of :class:`EMAQuantizer`; it takes one
+    update per step from every scale's vectors, ordered by example, then scale, then position.
+
+    ``dropout``: in training, that fraction of the images keeps only its first ``d`` scales (``d`` uniform),
+    so that every prefix of the scales decodes. Codes are ``(B, sum s^2)``, coarse scale first.
+    """
+
+    def __init__(self, num_codes: int, dim: int, scales: list[int], dropout: float = 0.0, beta: float = 0.25,
+                 seed: int = 0, rotation_trick: bool = False, **kw):  # fmt: skip
+        super().__init__()
+        self.num_codes, self.input_dim, self.dim = num_codes, dim, dim
+        self.scales, self.num_levels, self.dropout, self.beta, self.seed = list(scales), len(scales), dropout, beta, seed
+        self.rotation_trick = rotation_trick
+        self.codebook = EMAQuantizer(num_codes, dim, beta=beta, seed=seed, **kw)
+        self.phi = nn.ModuleList(Phi(dim) for _ in scales)
+
+    @property
+    def steps(self) -> torch.Tensor:
+        return self.codebook.steps
+
+    _kept_levels = ResidualQuantizer._kept_levels  # the same per-image draw of the scales kept
+
+    def _check_grid(self, h: int, w: int) -> None:
+        if (h, w) != (self.scales[-1],) * 2:
+            raise ValueError(f"scales {','.join(map(str, self.scales))} end at {self.scales[-1]}x{self.scales[-1]} but the code grid "
+                             f"of these images is {h}x{w}; the last scale must be the grid")  # fmt: skip
+
+    def _up(self, i: int, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Scale i's codes (B, D, s, s) -> their contribution on the grid (B, D, h, w)."""
+        if q.shape[-2:] != (h, w):
+            q = F.interpolate(q, size=(h, w), mode="bicubic")
+        return self.phi[i](q)
+
+    def _rows(self, r: torch.Tensor, s: int) -> torch.Tensor:
+        """The residual (B, D, h, w) at scale s, as rows (B * s * s, D)."""
+        if r.shape[-2:] != (s, s):
+            r = F.interpolate(r, size=(s, s), mode="area")
+        return rearrange(r, "b d h w -> (b h w) d")
+
+    def forward(self, z: torch.Tensor) -> ResidualOutput:
+        if z.ndim != 4 or z.shape[1] != self.input_dim:
+            raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.input_dim}, h, w)")
+        b, _, h, w = z.shape
+        self._check_grid(h, w)
+        z32 = z.float()
+        target = z32.detach()
+        if self.training and not bool(self.codebook.initialized):
+            self.codebook.init_from_data(rearrange(target, "b d h w -> (b h w) d"))  # from the grid's vectors
+        kept = self._kept_levels(b, z.device)  # (B,) scales each image keeps
+        rest, f_hat = target.clone(), torch.zeros_like(target)
+        rows, idxs, loss = [], [], z32.new_zeros(())
+        for i, s in enumerate(self.scales):
+            flat = self._rows(rest, s).detach()
+            idx = self.codebook.nearest(flat)
+            q = rearrange(F.embedding(idx, self.codebook.codebook), "(b h w) d -> b d h w", b=b, h=s, w=s)
+            used = (kept > i).float()[:, None, None, None]
+            step = self._up(i, q, h, w) * used  # trains the refinement (its gradient comes from the loss)
+            f_hat = f_hat + step
+            rest = rest - step.detach()
+            # VAR's loss at every scale: the encoder commits to the partial sum, the refinement fits the target.
+            weight = used.expand(-1, 1, h, w)
+            n = weight.sum().clamp(min=1) * self.dim
+            loss = loss + (self.beta * ((f_hat.detach() - z32) ** 2 * weight).sum() + ((f_hat - target) ** 2 * weight).sum()) / n
+            rows.append(flat.view(b, s * s, -1))
+            idxs.append(idx.view(b, s * s))
+        loss = loss / self.num_levels
+        codes = torch.cat(idxs, 1)  # (B, T): coarse scale first
+        if self.training:
+            counts, restarted, window = self._update(torch.cat(rows, 1), codes, kept)
+        else:
+            counts, restarted, window = self._counts(codes), 0, None
+        q_rows = rearrange(f_hat, "b d h w -> (b h w) d")
+        z_rows = rearrange(z32, "b d h w -> (b h w) d")
+        if torch.is_grad_enabled() and z.requires_grad:
+            # The decoder's gradient reaches the encoder (straight-through or rotated); the refinement learns from the loss.
+            q_rows = rotate_to(z_rows, q_rows.detach()) if self.rotation_trick else z_rows + (q_rows - z_rows).detach()
+        q = rearrange(q_rows, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z.dtype).contiguous()
+        p = counts.sum(0) / counts.sum().clamp(min=1)
+        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+        level_usage = (counts > 0).float().mean(1)
+        return ResidualOutput(q, codes, loss, counts, perplexity, level_usage.min(), restarted,
+                              window, level_usage, None if window is None else window.expand(self.num_levels))  # fmt: skip
+
+    def _scale_of_codes(self, device) -> torch.Tensor:
+        return torch.cat([torch.full((s * s,), i, device=device) for i, s in enumerate(self.scales)])
+
+    def _counts(self, codes: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+        """(L, K) codes of each scale in this batch (only ``used`` ones, (B, T) bool, when given)."""
+        scale = self._scale_of_codes(codes.device).expand_as(codes)
+        keep = torch.ones_like(codes, dtype=torch.bool) if used is None else used
+        flat = (scale * self.num_codes + codes)[keep]
+        return torch.bincount(flat, minlength=self.num_levels * self.num_codes).float().view(self.num_levels, self.num_codes)
+
+    @torch.no_grad()
+    def _update(self, rows: torch.Tensor, codes: torch.Tensor, kept: torch.Tensor):
+        """One EMA step of the codebook from every scale's rows that their image keeps; rows (B, T, D) are in
+        example, then scale, then position order. Returns per-scale counts (L, K), restarts, window usage."""
+        used = kept[:, None] > self._scale_of_codes(codes.device)[None, :]  # (B, T)
+        _, restarted, window = self.codebook.update(rows[used], codes[used])
+        return _all_reduce_sum(self._counts(codes, used)), restarted, window
+
+    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes (B, sum s^2) of encoder outputs (B, D, h, w), coarse scale first; no updates."""
+        b, _, h, w = z.shape
+        self._check_grid(h, w)
+        rest, idxs = z.float().clone(), []
+        for i, s in enumerate(self.scales):
+            idx = self.codebook.nearest(self._rows(rest, s))
+            q = rearrange(F.embedding(idx, self.codebook.codebook), "(b h w) d -> b d h w", b=b, h=s, w=s)
+            rest = rest - self._up(i, q, h, w)
+            idxs.append(idx.view(b, s * s))
+        return torch.cat(idxs, 1)
+
+    def lookup_levels(self, grids: list[torch.Tensor]) -> torch.Tensor:
+        """The latent (B, D, h, w) on the finest grid of the first ``len(grids)`` scales' codes."""
+        h = w = self.scales[-1]
+        return sum(self._up(i, self.codebook.lookup(g), h, w) for i, g in enumerate(grids))
+
+
+# ---------------------------------------------------------------- Gumbel-softmax
+
+
+class GumbelQuantizer(nn.Module):
+    """The differentiable alternative to nearest-code assignment (DALL-E's dVAE, taming's GumbelQuantize):
+    a 1x1 convolution gives logits over the K codes at every position; in training the code is a
+    Gumbel-softmax sample at a temperature annealed from ``tau_start`` to ``tau_end`` over ``anneal_steps``
+    (exponentially, as DALL-E), hard in the forward pass and soft in the backward one (straight-through),
+    and a KL term pulls the code distribution towards uniform; at evaluation the code is the argmax.
+    The codebook is learned by the optimizer. Codes are a grid (B, h, w), like the EMA quantizer's.
+    """
+
+    def __init__(self, num_codes: int, dim: int, kl_weight: float = 5e-4, tau_start: float = 1.0, tau_end: float = 1 / 16,
+                 anneal_steps: int = 1000, usage_window: int = 100, **_):  # fmt: skip
+        super().__init__()
+        self.num_codes, self.input_dim, self.dim, self.num_levels = num_codes, dim, dim, 1
+        self.kl_weight, self.tau_start, self.tau_end, self.anneal_steps = kl_weight, tau_start, tau_end, anneal_steps
+        self.usage_window = usage_window
+        self.to_logits = nn.Conv2d(dim, num_codes, 1)  # (B, D, h, w) -> (B, K, h, w)
+        self.embedding = nn.Embedding(num_codes, dim)
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("last_used", torch.full((num_codes,), -1, dtype=torch.long), persistent=False)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of this step: tau_start * (tau_end / tau_start) ** (step / anneal_steps), then tau_end."""
+        progress = min(int(self.steps) / max(self.anneal_steps, 1), 1.0)
+        return self.tau_start * (self.tau_end / self.tau_start) ** progress
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if z.ndim != 4 or z.shape[1] != self.input_dim:
+            raise ValueError(f"quantizer input has shape {tuple(z.shape)}; expected (B, {self.input_dim}, h, w)")
+        b, _, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            logits = self.to_logits(z.float())  # (B, K, h, w)
+            log_q = F.log_softmax(logits, dim=1)
+            # KL(q || uniform) = sum_k q_k (log q_k + log K), averaged over positions.
+            kl = (log_q.exp() * (log_q + math.log(self.num_codes))).sum(1).mean()
+            window_usage = None
+            if self.training:
+                one_hot = F.gumbel_softmax(logits, tau=self.temperature, hard=True, dim=1)  # (B, K, h, w)
+                idx = one_hot.argmax(1)
+                q = torch.einsum("bkhw,kd->bdhw", one_hot, self.embedding.weight)
+            else:
+                idx = logits.argmax(1)
+                q = rearrange(self.embedding(idx), "b h w d -> b d h w")
+        counts = _all_reduce_sum(torch.bincount(idx.flatten(), minlength=self.num_codes).float()) if self.training else torch.bincount(idx.flatten(), minlength=self.num_codes).float()  # fmt: skip
+        if self.training:
+            self.last_used[counts > 0] = self.steps
+            window_usage = ((self.last_used >= 0) & (self.last_used > self.steps - self.usage_window)).float().mean()
+            self.steps += 1
+        p = counts / counts.sum().clamp(min=1)
+        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+        return QuantizerOutput(q.to(z.dtype).contiguous(), idx, self.kl_weight * kl, counts, perplexity,
+                               (counts > 0).float().mean(), 0, window_usage)  # fmt: skip
+
+    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """The hard codes (B, h, w) of encoder outputs (B, D, h, w): the argmax of the logits."""
+        return self.to_logits(z.float()).argmax(1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.min() < 0 or indices.max() >= self.num_codes:
+            raise ValueError(f"code indices span [{int(indices.min())}, {int(indices.max())}]; expected 0..{self.num_codes - 1}")
+        return rearrange(self.embedding(indices), "b h w d -> b d h w").contiguous()

@@ -23,6 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
 from tokenizer import VQVAE
+from tokenizer.codes import CodeLayout
 from common.data import (TrainingDataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
                         load_image_data, model_input)  # fmt: skip
 from common.cli import option, parse_args, run_main
@@ -68,8 +69,8 @@ def encode_split(model: VQVAE, ds: datasets.Dataset | datasets.IterableDataset, 
             loader = image_loader(ds.select(mine), transform, batch_size, shuffle=False, num_workers=num_workers)
     codes, labels = [], []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-        idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w), inference mode
-        codes.append(idx.flatten(1).cpu())
+        idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w) or (B, T), inference mode
+        codes.append(idx.flatten(1).cpu())  # (B, T): tokenizer.codes
         labels.append(batch["labels"])
     local = (torch.cat(codes).numpy(), torch.cat(labels).numpy()) if codes else (np.zeros((0, 0)), np.zeros(0))
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
@@ -86,13 +87,17 @@ def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_
     with accelerator.main_process_first():
         data = load_image_data(data_args)
     cfg = model.config
-    if data.channels != cfg.in_channels:
-        raise DataError(f"dataset images have {data.channels} channel(s) but the tokenizer expects {cfg.in_channels}")
+    if data.channels != cfg.in_channels:  # the colour rule of every command (common.data.model_transform)
+        kind = "grayscale" if data.channels == 1 else "colour"
+        want = "grayscale (1 channel)" if cfg.in_channels == 1 else "colour (3 channels)"
+        raise DataError(f"dataset {data_args.dataset}'s images are {kind} but the tokenizer takes {want}; "
+                        f"pass --image-channels {cfg.in_channels} to convert every image")  # fmt: skip
     f = model.downsample_factor
     transform, (h, w), _ = model_input(data, data_args, cfg.in_channels, f)
+    layout = model.code_layout(h, w)  # tokenizer.codes: every level, flattened level after level
     dtype = "int16" if cfg.num_codes <= 32768 else "int32"
     features = Features({
-        "codes": Sequence(Value(dtype), length=(h // f) * (w // f)),
+        "codes": Sequence(Value(dtype), length=layout.length()),
         "label": ClassLabel(names=data.class_names) if data.class_names else Value("int64"),
     })  # fmt: skip
     splits = {}
@@ -103,6 +108,7 @@ def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_
         "tokenizer": tokenizer_reference(tokenizer_ref),
         "num_codes": cfg.num_codes,
         "grid": [h // f, w // f],
+        "levels": layout.to_json(),
         "class_names": data.class_names,
         "dataset": data_args.dataset,
         "image_size": [h, w],
@@ -126,7 +132,7 @@ def main(argv=None):
         accelerator.print(f"{args.output_dir} already holds these codes; reusing them (pass --overwrite to re-encode)")
         return
     meta = encode_dataset(args.tokenizer, data_args, args.output_dir, args.batch_size, accelerator)
-    accelerator.print(f"codes written to {args.output_dir}: grid {meta['grid'][0]}x{meta['grid'][1]}, K={meta['num_codes']}")
+    accelerator.print(f"codes written to {args.output_dir}: {CodeLayout.from_json(meta['levels']).describe()}, K={meta['num_codes']}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel as unwrap
 
-from common.cli import option, parse_args, run_main
+from common.cli import UsageError, option, parse_args, run_main
 from common.data import TrainingDataArguments, image_loader, image_loaders, load_image_data, model_input
 from common.images import image_grid, psnr
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from tokenizer import PRESETS, VQVAE, get_config
+from tokenizer.model import QUANTIZERS, VQVAEConfig, check_config
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, discriminator_loss, generator_loss
 from train.loop import TrainingArguments, make_accelerator, train
 
@@ -36,6 +37,14 @@ class TokenizerArguments:
     codebook_dim: int | None = option(None, "Quantize in this many dimensions, through 1x1 projections (LlamaGen: 8).", domain="positive")  # fmt: skip
     l2_codes: bool = option(False, "Unit-norm codes: nearest by cosine (LlamaGen); on top of the preset.")
     rotation_trick: bool = option(False, "The rotation trick instead of the straight-through estimator; on top of the preset.")
+    # Levels of codes (docs/training.md#levels-of-codes): each level keeps the codebook's guarantees.
+    quantizer: str = option("ema", "ema: one level of codes, nearest to an EMA codebook; residual: --levels codes at every position, each quantizing what the levels before it left; multiscale: the residual at each of --scales (VAR); gumbel: Gumbel-softmax codes, one level.", choices=list(QUANTIZERS))  # fmt: skip
+    levels: int = option(1, "Levels of a residual quantizer.", domain="positive")
+    scales: str | None = option(None, "Scales of a multiscale quantizer, increasing, the last one the code grid: e.g. 1,2,4,7 for 28 px at f=4.")  # fmt: skip
+    gumbel_anneal_steps: int | None = option(None, "--quantizer gumbel: steps over which the temperature falls from 1 to 1/16 (default 1000).", domain="positive")  # fmt: skip
+    gumbel_kl_weight: float | None = option(None, "--quantizer gumbel: weight of the KL term to uniform codes (default 5e-4).", domain="non-negative")  # fmt: skip
+    shared_codebook: bool = option(False, "One codebook for every residual level instead of one each.")
+    quantizer_dropout: float = option(0.0, "Fraction of training images that keep only their first d levels (d uniform), so that every prefix of the levels decodes.", domain="probability")  # fmt: skip
     # Losses. The adversarial and perceptual terms are off unless given a weight.
     pixel_loss: str = option("l2", "Reconstruction loss: l2 (MSE, the VQ-VAE's) or l1 (taming's).", choices=["l2", "l1"])
     perceptual_weight: float = option(0.0, "LPIPS weight (needs the lpips package; downloads VGG weights once).", domain="non-negative")  # fmt: skip
@@ -46,6 +55,25 @@ class TokenizerArguments:
     disc_lr: float | None = option(None, "Discriminator learning rate; unset: --learning-rate.", domain="positive")
     disc_channels: int = option(64, domain="positive")
     disc_layers: int = option(2, "Stride-2 layers of the PatchGAN (taming: 3 at 256 px; 2 suits 28-64 px).", domain="positive")  # fmt: skip
+
+    def validate(self) -> None:
+        """The level options' combinations, in the words of the model's own check (tokenizer.model.check_config)."""
+        try:
+            check_config(VQVAEConfig(quantizer=self.quantizer, levels=self.levels, shared_codebook=self.shared_codebook,
+                                     quantizer_dropout=self.quantizer_dropout, scales=self.scale_list(),
+                                     codebook_dim=self.codebook_dim, l2_codes=self.l2_codes, rotation_trick=self.rotation_trick))  # fmt: skip
+            if self.quantizer != "gumbel" and (self.gumbel_anneal_steps or self.gumbel_kl_weight is not None):
+                raise ValueError("--gumbel-anneal-steps and --gumbel-kl-weight need --quantizer gumbel")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def scale_list(self) -> list[int] | None:
+        if self.scales is None:
+            return None
+        try:
+            return [int(s) for s in self.scales.split(",")]
+        except ValueError:
+            raise UsageError(f"--scales {self.scales!r}: expected a comma list of sizes, e.g. 1,2,4,7") from None
 
 
 class TokenizerStage:
@@ -103,30 +131,43 @@ class TokenizerStage:
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict[str, float]:
-        counts = torch.zeros(model.config.num_codes, device=accelerator.device)
-        psnrs, losses, feats, logits, labels = [], [], [], [], []
+        tokenizer = unwrap(model)
+        levels = tokenizer.num_levels
+        counts = torch.zeros(levels, tokenizer.config.num_codes, device=accelerator.device)  # per level
+        psnrs, prefix_psnrs, losses, feats, logits, labels = [], [], [], [], [], []
         classifier = self.evaluator.accuracy_space.classifier if self.evaluator else None
         for batch in loader:
             x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
             out = model(x)
             recon = out.reconstruction
+            layout = tokenizer.code_layout(*x.shape[-2:])
+            # Every shorter prefix of the levels, decoded alone (the codec's lower rates).
+            prefixes = [tokenizer.decode(out.indices, levels=d) for d in range(1, levels)]
             if self.crop:  # measure on the original pixels, not the padding
                 x, recon = x[..., : self.crop[0], : self.crop[1]], recon[..., : self.crop[0], : self.crop[1]]
-            p, idx = accelerator.gather_for_metrics((psnr(recon, x), out.indices))
+                prefixes = [p[..., : self.crop[0], : self.crop[1]] for p in prefixes]
+            p, idx = accelerator.gather_for_metrics((psnr(recon, x), out.indices.flatten(1)))
             psnrs.append(p.cpu())
-            counts += torch.bincount(idx.flatten(), minlength=counts.numel()).float()
+            prefix_psnrs.append(torch.stack([accelerator.gather_for_metrics(psnr(r, x)).cpu() for r in prefixes], 1) if prefixes else None)  # fmt: skip
+            for i, level in enumerate(layout.split(idx)):  # each level's (or scale's) codes
+                counts[i] += torch.bincount(level.flatten(), minlength=counts.shape[1]).float()
             losses.append(float(out.reconstruction_loss))
             if classifier is not None:  # features on the device, gathered like the rest
                 f = classifier.features(recon.clamp(-1, 1).float())
                 f, lg, y = accelerator.gather_for_metrics((f, classifier.head(f), batch["labels"]))
                 feats.append(f.float().cpu()), logits.append(lg.float().cpu()), labels.append(y.cpu())
-        probs = counts / counts.sum()
+        probs = counts.sum(0) / counts.sum()
+        level_usage = (counts > 0).float().mean(1)
         metrics = {
             "psnr": float(torch.cat(psnrs).mean()),
-            "codebook_usage": float((counts > 0).float().mean()),
+            "codebook_usage": float(level_usage.min()),  # of the least used level
             "perplexity": float(torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum())),
             "rec_loss": sum(losses) / max(len(losses), 1),
         }
+        if levels > 1:
+            prefix = torch.cat(prefix_psnrs).mean(0)
+            metrics.update({f"psnr_levels_{d + 1}": float(v) for d, v in enumerate(prefix)})
+            metrics.update({f"codebook_usage_level_{i + 1}": float(u) for i, u in enumerate(level_usage)})
         if feats:
             report = self.evaluator.score_features(torch.cat(feats), torch.cat(logits), torch.cat(labels))
             metrics.update({"recon_fd": report.fd, "recon_fd_floor": report.fd_floor, "recon_fd_ratio": report.fd_ratio,
@@ -145,7 +186,11 @@ class TokenizerStage:
         return dict(
             title=f"vqgpt tokenizer ({self.model_args.preset})",
             summary=(f"A VQ-VAE image tokenizer trained with vqgpt: {cfg.in_channels}-channel images -> "
-                     f"a grid of codes from a codebook of K={cfg.num_codes} (D={cfg.code_dim}), downsampling f={cfg.downsample_factor}, "
+                     + ("a grid of codes" if model.num_levels == 1 else
+                        (f"residual scales {','.join(map(str, cfg.scales))} of codes" if cfg.quantizer == "multiscale" else
+                         f"{cfg.levels} residual levels of codes at every position" + (" (one shared codebook)" if cfg.shared_codebook else ""))
+                        + ", every prefix of them decodable")
+                     + f" from a codebook of K={cfg.num_codes} (D={cfg.code_dim}), downsampling f={cfg.downsample_factor}, "
                      "EMA codebook with dead-code restarts."),  # fmt: skip
             dataset=self.data_args.dataset,
             details={"dataset": self.data_args.dataset, "preset": self.model_args.preset, **asdict(cfg)},
@@ -164,10 +209,14 @@ def main(argv=None):
     config = get_config(model_args.preset, in_channels=data.channels, num_codes=model_args.num_codes,
                         code_dim=model_args.code_dim, channels=model_args.channels, num_downsamples=model_args.num_downsamples,
                         dead_threshold=model_args.dead_threshold, seed=args.seed, codebook_dim=model_args.codebook_dim,
-                        l2_codes=model_args.l2_codes or None, rotation_trick=model_args.rotation_trick or None)  # fmt: skip
-    transform, _, original = model_input(data, data_args, data.channels, config.downsample_factor)
+                        l2_codes=model_args.l2_codes or None, rotation_trick=model_args.rotation_trick or None,
+                        quantizer=model_args.quantizer, levels=model_args.levels, shared_codebook=model_args.shared_codebook,
+                        quantizer_dropout=model_args.quantizer_dropout, scales=model_args.scale_list(),
+                        gumbel_anneal_steps=model_args.gumbel_anneal_steps, gumbel_kl_weight=model_args.gumbel_kl_weight)  # fmt: skip
+    transform, size, original = model_input(data, data_args, data.channels, config.downsample_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VQVAE(config).to(memory_format=torch.channels_last if model_args.channels_last else torch.contiguous_format)
+    model.code_layout(*size)  # a scale list that does not end at these images' grid: one line, before any work
     train_loader, eval_loader = image_loaders(data, transform, args, data_args, accelerator)
     grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
     grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
