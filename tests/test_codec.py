@@ -141,7 +141,8 @@ def test_cli_codes_a_class_folder_with_its_labels_and_names(chain, models, test_
         conditions.append(info.class_names.index(folder) if folder in info.class_names else -1)
     assert -1 in conditions and len(set(conditions)) > 3
     order = sorted(range(12), key=files.__getitem__)
-    python_m("codec", "compress", "--prior", str(chain["prior"]), "--input", str(root), "--output", str(tmp_path / "a.vqga"))
+    proc = python_m("codec", "compress", "--prior", str(chain["prior"]), "--input", str(root), "--output", str(tmp_path / "a.vqga"))
+    assert "Generating train split" not in proc.stderr and "Downloading" not in proc.stderr, "a local folder is read quietly"
     codec = Codec(tokenizer, prior, info)
     read = torch.stack([to_float(ImageTransform(1).pixels({"path": str(root / files[i]), "bytes": None})) for i in order])
     codes = codec.encode_images(read)
@@ -152,3 +153,21 @@ def test_cli_codes_a_class_folder_with_its_labels_and_names(chain, models, test_
     for k, i in enumerate(order):
         recon = to_pil(codec.decode_codes(codes[k][None], tuple(info.grid)))[0]
         assert np.array_equal(np.array(PILImage.open(tmp_path / "out" / files[i])), np.array(recon))
+
+
+def test_cli_refuses_colour_for_a_grayscale_tokenizer_unless_asked_to_convert(chain, models, test_images, tmp_path):
+    """The colour rule of every command: an RGB image into a grayscale tokenizer is one line naming it;
+    --image-channels 1 converts it, and then it codes exactly as its grayscale version."""
+    tokenizer, prior, info = models
+    gray = to_pil(test_images[0][:1])[0]
+    gray.convert("RGB").save(tmp_path / "rgb.png")
+    gray.save(tmp_path / "gray.png")
+    proc = python_m("codec", "compress", "--prior", str(chain["prior"]), "--input", str(tmp_path / "rgb.png"),
+                    "--output", str(tmp_path / "rgb.vqg"), check=False)  # fmt: skip
+    assert proc.returncode == 1 and not (tmp_path / "rgb.vqg").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: image {tmp_path / 'rgb.png'} is colour (RGB) but the tokenizer takes "
+                                                    "grayscale (1 channel); pass --image-channels 1 to convert every image")  # fmt: skip
+    for name in ("rgb", "gray"):
+        python_m("codec", "compress", "--prior", str(chain["prior"]), "--input", str(tmp_path / f"{name}.png"),
+                 "--output", str(tmp_path / f"{name}.vqg"), "--image-channels", "1")  # fmt: skip
+    assert (tmp_path / "rgb.vqg").read_bytes() == (tmp_path / "gray.vqg").read_bytes()

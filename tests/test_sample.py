@@ -129,7 +129,7 @@ def test_a_prior_samples_at_its_own_settings_unless_a_call_names_others(pipe):
 
 def test_cli_writes_an_imagefolder_and_a_grid(chain, tmp_path):
     out = tmp_path / "samples"
-    proc = python_m("sample", "--prior", str(chain["prior"]), "--classes", "0,3,Sneaker", "--per-class", "4",
+    proc = python_m("sample", "--prior", str(chain["prior"]), "--classes", "0,3,Sneaker", "--per-class", "4", "--grid-columns", "3",
                     "--guidance-scale", "2", "--guidance-schedule", "linear", "--seed", "0", "--output-dir", str(out))  # fmt: skip
     assert "wrote 12 samples of 3 classes" in proc.stdout
     assert "sampling at guidance_scale 2.0, temperature 1.0, top_k 100, top_p 1.0, guidance_schedule linear" in proc.stdout, "the rest the prior's"
@@ -142,7 +142,8 @@ def test_cli_writes_an_imagefolder_and_a_grid(chain, tmp_path):
     data = load_image_data(DataArguments(dataset=str(out), test_fraction=0.25))
     assert data.class_names == ["Dress", "Sneaker", "T-shirt/top"] and len(data.train) + len(data.test) == 12
     grid = Image.open(out / "grid.png")
-    assert grid.height == 3 * 30 and grid.width > 4 * 30  # 3 rows of 28 px + gutters, a label margin
+    margin = 8 + 7 * len("T-shirt/top")  # the longest class name's margin
+    assert (grid.width, grid.height) == (margin + 3 * 30, 3 * 30), "3 rows of the first 3 samples (28 px + gutters)"
 
 
 def test_bad_classes_and_priors_fail_clearly(chain, pipe, tmp_path):
