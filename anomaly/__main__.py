@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from common.cli import UsageError, option, parse_args, run_main
 from common.data import DataArguments, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
@@ -76,36 +75,27 @@ def _reference(args: AnomalyArguments, transform: ImageTransform, data) -> torch
     return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), transform)[0]
 
 
-def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None) -> Image.Image:
-    """One histogram panel per score, stacked."""
-    units = {"nll": "bits", "reconstruction": "MSE per pixel", "combined": "bits", "knn": "latent distance"}
-    panels = [histogram(v, anomalous, f"{k} ({units[k]})") for k, v in scores.items()]
-    img = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
-    for i, p in enumerate(panels):
-        img.paste(p, (0, i * p.height))
-    return img
+def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None, path: str) -> None:
+    """One histogram panel per score (normal images and anomalies apart when known), saved as a PNG."""
+    import matplotlib
 
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
 
-def histogram(values: np.ndarray, anomalous: np.ndarray | None, title: str, bins: int = 50) -> Image.Image:
-    """Histogram of one score; normal images blue, anomalies red when known."""
-    w, h, pad = 640, 320, 40
-    lo, hi = float(np.min(values)), float(np.max(values))
-    edges = np.linspace(lo, hi + 1e-9, bins + 1)
-    groups = [(values, (70, 110, 200))] if anomalous is None else [(values[~anomalous], (70, 110, 200)), (values[anomalous], (210, 70, 60))]  # fmt: skip
-    counts = [np.histogram(v, edges)[0] / max(len(v), 1) for v, _ in groups]
-    top = max(float(c.max()) for c in counts) or 1.0
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    bw = (w - 2 * pad) / bins
-    for c, (_, color) in zip(counts, groups):
-        for i, v in enumerate(c):
-            x0 = pad + i * bw
-            draw.rectangle([x0, h - pad - v / top * (h - 2 * pad), x0 + bw - 1, h - pad], outline=color)
-    draw.line([pad, h - pad, w - pad, h - pad], fill="black")
-    draw.text((pad, 8), title + ("" if anomalous is None else "  (blue: normal, red: anomalous; each normalised)"), fill="black")
-    draw.text((pad, h - pad + 6), f"{lo:.4g}", fill="black")
-    draw.text((w - pad - 60, h - pad + 6), f"{hi:.4g}", fill="black")
-    return img
+    units = {"nll": "bits per image", "reconstruction": "MSE per pixel", "combined": "bits per image", "knn": "latent distance"}
+    fig, axes = plt.subplots(len(scores), 1, figsize=(7, 2.6 * len(scores)), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], scores.items()):
+        bins = np.histogram_bin_edges(values, bins=50)
+        if anomalous is None:
+            ax.hist(values, bins=bins, color="tab:blue", label="images")
+        else:
+            for mask, label, color in ((~anomalous, "normal", "tab:blue"), (anomalous, "anomalous", "tab:red")):
+                ax.hist(values[mask], bins=bins, density=True, histtype="step", color=color, label=f"{label} ({int(mask.sum())})")
+        ax.set(title=name, xlabel=f"{name} ({units[name]}); higher: more anomalous", ylabel="density" if anomalous is not None else "images")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -148,7 +138,7 @@ def main(argv=None):
             writer.writerow([ids[i], label, *(f"{v[i]:.6g}" for v in scores.values())])
     with open(os.path.join(tmp, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    histograms(scores, anomalous).save(os.path.join(tmp, "histogram.png"))
+    histograms(scores, anomalous, os.path.join(tmp, "histogram.png"))
     publish_dir(tmp, args.output_dir)
     print(f"scored {len(images)} images -> {args.output_dir}/scores.csv, summary.json, histogram.png")
     if anomalous is not None:

@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.neighbors import NearestNeighbors
 
 from common.cli import UserError
 from prior import bits, load_prior, prior_loss
@@ -98,32 +100,30 @@ class AnomalyScorer:
 
 
 def knn_distance(x: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean Euclidean distance from each row of ``x`` (B, F) to its ``k`` nearest rows of ``reference`` (N, F)."""
-    return torch.cdist(x.float(), reference.float()).topk(k, dim=1, largest=False).values.mean(1)
+    """Mean Euclidean distance from each row of ``x`` (B, F) to its ``k`` nearest rows of ``reference`` (N, F),
+    by scikit-learn's exact nearest-neighbour search."""
+    index = NearestNeighbors(n_neighbors=k).fit(reference.float().cpu().numpy())
+    distances, _ = index.kneighbors(x.float().cpu().numpy())
+    return torch.from_numpy(distances.mean(1)).to(x.device)
 
 
 def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
-    """Area under the ROC curve: the probability that an anomalous image scores above a normal one
-    (ties count half), by the Mann-Whitney U statistic over average ranks."""
+    """Area under the ROC curve: the probability that an anomalous image scores above a normal one (ties
+    count half); scikit-learn's ``roc_auc_score``."""
     scores, anomalous = np.asarray(scores, dtype=np.float64), np.asarray(anomalous, dtype=bool)
     n_pos, n_neg = int(anomalous.sum()), int((~anomalous).sum())
     if n_pos == 0 or n_neg == 0:
         raise UserError(f"AUROC needs normal and anomalous images; got {n_neg} normal and {n_pos} anomalous")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]  # tied scores share their average rank
-    return float((ranks[anomalous].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(anomalous, scores))
 
 
 def threshold_at_fpr(scores: np.ndarray, anomalous: np.ndarray, fpr: float) -> tuple[float, float, float]:
     """(threshold, true-positive rate, false-positive rate) flagging ``score > threshold`` with at most
-    ``fpr`` of the normal images flagged."""
+    ``fpr`` of the normal images flagged: the last point of scikit-learn's ROC curve within ``fpr``; the
+    threshold reported is the highest normal score left unflagged."""
     scores, anomalous = np.asarray(scores, dtype=np.float64), np.asarray(anomalous, dtype=bool)
-    normal = np.sort(scores[~anomalous])
-    k = int(math.floor(fpr * len(normal)))  # normal images allowed above the threshold
-    threshold = normal[len(normal) - k - 1] if k < len(normal) else -np.inf
-    flagged = scores > threshold
-    return float(threshold), float(flagged[anomalous].mean()), float(flagged[~anomalous].mean())
+    fprs, tprs, cuts = roc_curve(anomalous, scores, drop_intermediate=False)  # flagged: score >= cut
+    i = int(np.nonzero(fprs <= fpr + 1e-12)[0][-1])
+    normal_left = scores[~anomalous & (scores < cuts[i])]
+    threshold = float(normal_left.max()) if normal_left.size else -np.inf
+    return threshold, float(tprs[i]), float(fprs[i])

@@ -101,3 +101,30 @@ def test_held_out_class_scores_higher(tmp_path):
     assert itself.max() < 0.01 * got.min(), (itself.max(), got.min())
     with pytest.raises(UserError, match="k=41"):
         scorer.fit(images, k=41)
+
+
+def test_knn_distance_is_the_brute_force_mean_of_the_k_nearest():
+    import torch
+
+    from anomaly import knn_distance
+
+    g = torch.Generator().manual_seed(0)
+    reference, queries = torch.randn(300, 20, generator=g), torch.randn(40, 20, generator=g)
+    expected = torch.cdist(queries.double(), reference.double()).topk(5, dim=1, largest=False).values.mean(1)
+    assert torch.allclose(knn_distance(queries, reference, 5).double(), expected, atol=1e-5)
+
+
+def test_threshold_matches_the_rule_it_states_with_ties():
+    """Flagging score > threshold keeps at most fpr of the normal images; the threshold is the highest
+    normal score left unflagged; TPR and FPR are those of that rule (ties at the threshold stay unflagged)."""
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=400), 1)  # many ties
+    anomalous = rng.random(400) < 0.3
+    scores[anomalous] += 1
+    for target in (0.0, 0.01, 0.05, 0.1, 0.5, 1.0):
+        threshold, tpr, fpr = threshold_at_fpr(scores, anomalous, target)
+        flagged = scores > threshold
+        assert fpr == flagged[~anomalous].mean() <= target and tpr == flagged[anomalous].mean()
+        normal = np.sort(scores[~anomalous])
+        k = int(np.floor(target * len(normal)))
+        assert threshold == (normal[len(normal) - k - 1] if k < len(normal) else -np.inf)
