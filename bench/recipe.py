@@ -76,8 +76,12 @@ TOKENIZERS = {
     "residual-4-shared": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--shared-codebook"],
     "residual-4-lr2e-3": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--learning-rate", "2e-3"],
     "residual-4-nodrop": ["--quantizer", "residual", "--levels", "4"],
+    "residual-4-lr4e-3": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--learning-rate", "4e-3"],
+    "residual-8-lr4e-3": ["--quantizer", "residual", "--levels", "8", "--quantizer-dropout", "0.5", "--learning-rate", "4e-3"],
     # VAR's residual scales, ending at the 7x7 grid and at the 14x14 one; Gumbel-softmax codes.
     "multiscale-7": ["--quantizer", "multiscale", "--scales", "1,2,4,7", "--quantizer-dropout", "0.5"],
+    "multiscale-7-nodrop": ["--quantizer", "multiscale", "--scales", "1,2,4,7"],
+    "multiscale-7-lr4e-3": ["--quantizer", "multiscale", "--scales", "1,2,4,7", "--quantizer-dropout", "0.5", "--learning-rate", "4e-3"],
     "multiscale-14": [*GRID14, "--learning-rate", "4e-3", "--quantizer", "multiscale", "--scales", "1,2,4,7,14", "--quantizer-dropout", "0.5"],
     "gumbel": ["--quantizer", "gumbel"],
 }

@@ -358,6 +358,7 @@ class ResidualQuantizer(nn.Module):
         z_rows = rearrange(z, "b d h w -> (b h w) d")
         residual = z_rows.detach().float()
         kept = self._kept_levels(b, z.device).repeat_interleave(h * w)  # (N,) levels kept by each row's image
+        every_level = not (self.training and self.dropout > 0)  # then no row is masked
         total = torch.zeros_like(residual)  # the sum of the kept levels' codes
         idxs, residuals, loss = [], [], z_rows.new_zeros(())
         for i in range(self.num_levels):
@@ -366,11 +367,15 @@ class ResidualQuantizer(nn.Module):
                 quantizer.init_from_data(residual)  # level i's codebook from level i's residuals
             idx = quantizer.nearest(residual)
             q = F.embedding(idx, quantizer.codebook)  # the codebook before this step's update
-            used = (kept > i).float()[:, None]
-            # Commitment to every partial sum the image keeps: |z - sg(e_1 + ... + e_i)|^2.
             partial = total + q
-            loss = loss + (((z_rows.float() - partial) ** 2) * used).sum() / used.sum().clamp(min=1) / self.dim
-            total = total + q * used
+            # Commitment to every partial sum the image keeps: |z - sg(e_1 + ... + e_i)|^2.
+            if every_level:
+                loss = loss + F.mse_loss(z_rows.float(), partial)
+                total = partial
+            else:
+                used = (kept > i).float()[:, None]
+                loss = loss + (((z_rows.float() - partial) ** 2) * used).sum() / used.sum().clamp(min=1) / self.dim
+                total = total + q * used
             idxs.append(idx)
             residuals.append(residual)
             residual = residual - q
@@ -400,10 +405,14 @@ class ResidualQuantizer(nn.Module):
         by_example = lambda t: rearrange(t, "l (b p) ... -> (b l p) ...", b=b)  # noqa: E731
         counts, restarted, windows = [], 0, []
         groups = [list(range(L))] if self.shared_codebook else [[i] for i in range(L)]
+        everything = bool(used.all())  # no image dropped a level: no rows to take out
         for group in groups:
-            sel = torch.tensor(group, device=indices.device)
-            flat, idx, mask = (by_example(t[sel]) for t in (residuals, indices, used))
-            c, r, wu = self.level(group[0]).update(flat[mask], idx[mask])
+            if len(group) == 1:  # one level: its rows are already in example order
+                flat, idx, mask = residuals[group[0]], indices[group[0]], used[group[0]]
+            else:
+                sel = torch.tensor(group, device=indices.device)
+                flat, idx, mask = (by_example(t[sel]) for t in (residuals, indices, used))
+            c, r, wu = self.level(group[0]).update(*((flat, idx) if everything else (flat[mask], idx[mask])))
             restarted += r
             for i in group:  # each level's own counts (a shared codebook's mix every level's)
                 own = c if len(group) == 1 else torch.bincount(indices[i][used[i]], minlength=self.num_codes).float()
@@ -431,11 +440,17 @@ class ResidualQuantizer(nn.Module):
 
 
 class Phi(nn.Module):
-    """VAR's refinement of an upsampled scale: ``(1 - r) h + r conv3x3(h)``, r = 0.5."""
+    """VAR's refinement of an upsampled scale: ``(1 - r) h + r conv3x3(h)``, r = 0.5.
+
+    The convolution starts as the identity: VAR learns its codebook by gradient through the refinement,
+    while an EMA codebook fits the residuals themselves, so the refinement must start by passing codes
+    through unchanged (a random start removes about half of every scale's residual)."""
 
     def __init__(self, dim: int, ratio: float = 0.5):
         super().__init__()
         self.conv, self.ratio = nn.Conv2d(dim, dim, 3, padding=1), ratio
+        nn.init.dirac_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h * (1 - self.ratio) + self.conv(h) * self.ratio
