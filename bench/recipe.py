@@ -73,6 +73,7 @@ TOKENIZERS = {
     # each or one shared, with quantizer dropout so that every prefix decodes.
     "residual-2": ["--quantizer", "residual", "--levels", "2", "--quantizer-dropout", "0.5"],
     "residual-4": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5"],
+    "residual-2-shared": ["--quantizer", "residual", "--levels", "2", "--quantizer-dropout", "0.5", "--shared-codebook"],
     "residual-4-shared": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--shared-codebook"],
     "residual-4-lr2e-3": ["--quantizer", "residual", "--levels", "4", "--quantizer-dropout", "0.5", "--learning-rate", "2e-3"],
     "residual-4-nodrop": ["--quantizer", "residual", "--levels", "4"],
