@@ -210,16 +210,25 @@ def balanced_test_images(evaluator: Evaluator, per_class: int) -> tuple[torch.Te
     return load_tensors(evaluator.data.test.select(pick.tolist()), evaluator.data.channels)
 
 
-def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int, levels: int | None = None):
+def recon_reports(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int) -> list:
     """Reconstructions of as many test images per class as there are samples: what a prior on this
-    tokenizer can at best reach (the issue's bound: samples never worse than 1.5x it); from the first
-    ``levels`` levels of its codes (all by default)."""
+    tokenizer can at best reach (the issue's bound: samples never worse than 1.5x it); one report (with
+    its ``psnr``) per prefix of the levels, from the first level to all of them, the images encoded once."""
     tok = VQVAE.from_pretrained(tokenizer_dir).to(device).eval()
     x, y = balanced_test_images(evaluator, per_class)
-    recon = tok.decode(tok.encode(x.to(device)), levels=levels).cpu()
-    r = evaluator.score(recon, y)
-    r.psnr = float(psnr(recon, x).mean())
-    return r
+    codes = tok.encode(x.to(device))
+    reports = []
+    for d in range(1, tok.num_levels + 1):
+        recon = tok.decode(codes, levels=d).cpu()
+        r = evaluator.score(recon, y)
+        r.psnr = float(psnr(recon, x).mean())
+        reports.append(r)
+    return reports
+
+
+def recon_report(tokenizer_dir: str, evaluator: Evaluator, device: str, per_class: int):
+    """The reconstructions' report from every level of the tokenizer (see :func:`recon_reports`)."""
+    return recon_reports(tokenizer_dir, evaluator, device, per_class)[-1]
 
 
 def _log(log, record: dict) -> None:
@@ -258,7 +267,8 @@ def main():
             _log(log, {"kind": "tokenizer", "row": "originals", "dataset": args.dataset, "device": machine(), **r.to_dict()})
         for name in pick(args.tokenizers, TOKENIZERS):
             tok, minutes = train_tokenizer(args.out, name, extra, args.dataset)
-            r = recon_report(tok, evaluator, args.device, args.per_class)
+            reports = recon_reports(tok, evaluator, args.device, args.per_class)
+            r = reports[-1]
             metrics = json.load(open(os.path.join(tok, "metrics.json")))
             print(f"tokenizer {name}: recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), PSNR {metrics['psnr']:.2f}, "
                   f"usage {metrics['codebook_usage']:.3f}, {minutes or 0:.1f} min", flush=True)  # fmt: skip
@@ -267,8 +277,7 @@ def main():
                        **r.to_dict()})  # fmt: skip
             tok_model = VQVAE.from_pretrained(tok)
             grid = tok_model.code_layout(*evaluator.data.size)
-            for d in range(1, tok_model.num_levels + 1):  # the rate-distortion table: every prefix of the levels
-                r = recon_report(tok, evaluator, args.device, args.per_class, levels=d)
+            for d, r in enumerate(reports, 1):  # the rate-distortion table: every prefix of the levels
                 bits = grid.length(d) * math.log2(tok_model.config.num_codes)
                 print(f"tokenizer {name}, first {d} level(s): {bits:.0f} bits per image, PSNR {r.psnr:.2f}, "
                       f"recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor)", flush=True)  # fmt: skip

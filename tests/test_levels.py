@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from tokenizer import VQVAE, get_config
 from tokenizer.codes import CodeLayout
-from tokenizer.quantizer import MultiScaleQuantizer, ResidualQuantizer
+from tokenizer.quantizer import MultiScaleQuantizer, ResidualQuantizer, kept_levels
 
 
 def _brute_force_levels(q: ResidualQuantizer, z_rows: torch.Tensor) -> list[torch.Tensor]:
@@ -50,7 +50,7 @@ def test_quantizer_dropout_keeps_a_prefix_of_levels_per_image():
     q = ResidualQuantizer(32, 4, levels=4, dropout=1.0, kmeans_iters=0).train()
     z = torch.randn(16, 4, 3, 3)
     q(z)  # initialise every level
-    kept = q._kept_levels(16, z.device)  # the draw of the next step
+    kept = kept_levels(q, 16, z.device)  # the draw of the next step
     assert kept.min() >= 1 and kept.max() <= 4 and len(set(kept.tolist())) > 1
     books = [q.level(i).codebook.clone() for i in range(4)]  # the codebooks the next step assigns with
     out = q(z)

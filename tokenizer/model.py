@@ -218,8 +218,13 @@ class VQVAE(
         grid = self.code_grid(height, width)
         if self.config.quantizer == "multiscale":
             self.quantizer._check_grid(*grid)
+        return self._layout(grid)
+
+    def _layout(self, grid: tuple[int, int] | None) -> CodeLayout:
+        """The levels of codes on a ``grid`` of positions (a multiscale quantizer's are its scales)."""
+        if self.config.quantizer == "multiscale":
             return CodeLayout(tuple((s, s) for s in self.config.scales))
-        return CodeLayout((grid,) * self.config.levels)
+        return CodeLayout((grid,) * self.num_levels)
 
     @property
     def num_levels(self) -> int:
@@ -262,17 +267,11 @@ class VQVAE(
     def latent(self, codes: torch.Tensor, levels: int | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """The quantized latent (B, D, h, w) of the first ``levels`` levels of ``codes`` (see :meth:`decode`)."""
         codes = codes.long()
-        if self.config.quantizer in ONE_LEVEL and codes.ndim == 3:
-            CodeLayout((tuple(codes.shape[1:]),)).levels(levels)
-            return self.quantizer.lookup(codes)
-        if self.config.quantizer == "multiscale":
-            layout = CodeLayout(tuple((s, s) for s in self.config.scales))
-        else:
-            layout = CodeLayout((grid or self._square_grid(codes, levels),) * self.num_levels)
-        grids = layout.split(codes, levels)
-        if self.config.quantizer in ONE_LEVEL:
-            return self.quantizer.lookup(grids[0])
-        return self.quantizer.lookup_levels(grids)
+        if codes.ndim == 3:  # a (B, h, w) grid: its own positions
+            grid = tuple(codes.shape[1:])
+        elif grid is None and self.config.quantizer != "multiscale":
+            grid = self._square_grid(codes, levels)
+        return self.quantizer.lookup_levels(self._layout(grid).split(codes, levels))
 
     def _square_grid(self, codes: torch.Tensor, levels: int | None) -> tuple[int, int]:
         """(h, w) of (B, T) rows of square grids: T is L * h * h (every level) or d * h * h (the first d)."""

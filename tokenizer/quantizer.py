@@ -72,6 +72,12 @@ def full_float32_matmul():
 # ---------------------------------------------------------------- the quantizer
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the histogram ``counts`` (all levels pooled when it is (L, K))."""
+    p = counts.sum(0) / counts.sum().clamp(min=1) if counts.ndim == 2 else counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+
+
 def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The rotation trick (Fifty et al. 2024): ``q`` in the forward pass, a rotation of ``z`` backward.
 
@@ -278,10 +284,8 @@ class EMAQuantizer(nn.Module):
             # Decoder gradients reach the encoder: copied (straight-through) or rotated.
             q = rotate_to(z_rows, q.detach()) if self.rotation_trick else z_rows + (q - z_rows).detach()
         q = self.project_out(rearrange(q, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous())
-        p = counts / counts.sum().clamp(min=1)
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
         usage = (counts > 0).float().mean()
-        return QuantizerOutput(q, indices, loss, counts, perplexity, usage, restarted, window_usage)
+        return QuantizerOutput(q, indices, loss, counts, perplexity(counts), usage, restarted, window_usage)
 
     def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
         """Indices (B, h, w) of the nearest codes for encoder outputs (B, D, h, w); no updates."""
@@ -297,8 +301,27 @@ class EMAQuantizer(nn.Module):
         codes = rearrange(F.embedding(indices, self.codebook), "b h w d -> b d h w").contiguous()  # as in forward
         return self.project_out(codes)
 
+    def lookup_levels(self, grids: list[torch.Tensor]) -> torch.Tensor:
+        """The latent of one level's grid ``[(B, h, w)]``: every quantizer's decoding entry point."""
+        (indices,) = grids
+        return self.lookup(indices)
+
 
 # ---------------------------------------------------------------- residual levels
+
+
+def kept_levels(q: nn.Module, b: int, device: torch.device) -> torch.Tensor:
+    """(b,) levels (or scales) each example of this rank keeps under ``q``'s quantizer dropout (residual or
+    multiscale); drawn per example of the global batch, the same on every rank (a CPU generator seeded by
+    the step)."""
+    full = torch.full((b,), q.num_levels, dtype=torch.long)
+    if not (q.training and q.dropout > 0 and q.num_levels > 1):
+        return full.to(device)
+    offset, population = _global_offsets(b, device)
+    g = torch.Generator().manual_seed(q.seed * 1_000_003 + int(q.steps) * 7919 + 3)
+    dropped = torch.rand(population, generator=g) < q.dropout
+    depth = torch.randint(1, q.num_levels + 1, (population,), generator=g)
+    return torch.where(dropped, depth, full.new_full((population,), q.num_levels))[offset : offset + b].to(device)
 
 
 @dataclass
@@ -338,18 +361,6 @@ class ResidualQuantizer(nn.Module):
     def steps(self) -> torch.Tensor:
         return self.codebooks[0].steps
 
-    def _kept_levels(self, b: int, device: torch.device) -> torch.Tensor:
-        """(b,) levels each example of this rank keeps; drawn per example of the global batch, the same on
-        every rank (a CPU generator seeded by the step)."""
-        full = torch.full((b,), self.num_levels, dtype=torch.long)
-        if not (self.training and self.dropout > 0 and self.num_levels > 1):
-            return full.to(device)
-        offset, population = _global_offsets(b, device)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps) * 7919 + 3)
-        dropped = torch.rand(population, generator=g) < self.dropout
-        depth = torch.randint(1, self.num_levels + 1, (population,), generator=g)
-        return torch.where(dropped, depth, full.new_full((population,), self.num_levels))[offset : offset + b].to(device)
-
     def forward(self, z: torch.Tensor) -> ResidualOutput:
         """Quantize encoder outputs ``z`` (B, D, h, w) level by level; updates the codebooks in training only."""
         if z.ndim != 4 or z.shape[1] != self.input_dim:
@@ -357,7 +368,7 @@ class ResidualQuantizer(nn.Module):
         b, _, h, w = z.shape
         z_rows = rearrange(z, "b d h w -> (b h w) d")
         residual = z_rows.detach().float()
-        kept = self._kept_levels(b, z.device).repeat_interleave(h * w)  # (N,) levels kept by each row's image
+        kept = kept_levels(self, b, z.device).repeat_interleave(h * w)  # (N,) levels kept by each row's image
         every_level = not (self.training and self.dropout > 0)  # then no row is masked
         total = torch.zeros_like(residual)  # the sum of the kept levels' codes
         idxs, residuals, loss = [], [], z_rows.new_zeros(())
@@ -388,11 +399,9 @@ class ResidualQuantizer(nn.Module):
         if torch.is_grad_enabled() and z.requires_grad:
             q = rotate_to(z_rows, q.detach()) if self.rotation_trick else z_rows + (q - z_rows).detach()
         q = rearrange(q, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous()
-        p = counts.sum(0) / counts.sum().clamp(min=1)
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
         level_usage = (counts > 0).float().mean(1)
         codes = rearrange(indices, "l (b n) -> b (l n)", b=b)  # level after level (tokenizer.codes)
-        return ResidualOutput(q, codes, loss, counts, perplexity, level_usage.min(), restarted,
+        return ResidualOutput(q, codes, loss, counts, perplexity(counts), level_usage.min(), restarted,
                               None if window is None else window.min(), level_usage, window)  # fmt: skip
 
     @torch.no_grad()
@@ -480,8 +489,6 @@ class MultiScaleQuantizer(nn.Module):
     def steps(self) -> torch.Tensor:
         return self.codebook.steps
 
-    _kept_levels = ResidualQuantizer._kept_levels  # the same per-image draw of the scales kept
-
     def _check_grid(self, h: int, w: int) -> None:
         if (h, w) != (self.scales[-1],) * 2:
             raise ValueError(f"scales {','.join(map(str, self.scales))} end at {self.scales[-1]}x{self.scales[-1]} but the code grid "
@@ -508,7 +515,7 @@ class MultiScaleQuantizer(nn.Module):
         target = z32.detach()
         if self.training and not bool(self.codebook.initialized):
             self.codebook.init_from_data(rearrange(target, "b d h w -> (b h w) d"))  # from the grid's vectors
-        kept = self._kept_levels(b, z.device)  # (B,) scales each image keeps
+        kept = kept_levels(self, b, z.device)  # (B,) scales each image keeps
         rest, f_hat = target.clone(), torch.zeros_like(target)
         rows, idxs, loss = [], [], z32.new_zeros(())
         for i, s in enumerate(self.scales):
@@ -537,10 +544,8 @@ class MultiScaleQuantizer(nn.Module):
             # The decoder's gradient reaches the encoder (straight-through or rotated); the refinement learns from the loss.
             q_rows = rotate_to(z_rows, q_rows.detach()) if self.rotation_trick else z_rows + (q_rows - z_rows).detach()
         q = rearrange(q_rows, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z.dtype).contiguous()
-        p = counts.sum(0) / counts.sum().clamp(min=1)
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
         level_usage = (counts > 0).float().mean(1)
-        return ResidualOutput(q, codes, loss, counts, perplexity, level_usage.min(), restarted,
+        return ResidualOutput(q, codes, loss, counts, perplexity(counts), level_usage.min(), restarted,
                               window, level_usage, None if window is None else window.expand(self.num_levels))  # fmt: skip
 
     def _scale_of_codes(self, device) -> torch.Tensor:
@@ -625,14 +630,13 @@ class GumbelQuantizer(nn.Module):
             else:
                 idx = logits.argmax(1)
                 q = rearrange(self.embedding(idx), "b h w d -> b d h w")
-        counts = _all_reduce_sum(torch.bincount(idx.flatten(), minlength=self.num_codes).float()) if self.training else torch.bincount(idx.flatten(), minlength=self.num_codes).float()  # fmt: skip
+        counts = torch.bincount(idx.flatten(), minlength=self.num_codes).float()
         if self.training:
+            counts = _all_reduce_sum(counts)  # the global batch's, as the EMA quantizer reports
             self.last_used[counts > 0] = self.steps
             window_usage = ((self.last_used >= 0) & (self.last_used > self.steps - self.usage_window)).float().mean()
             self.steps += 1
-        p = counts / counts.sum().clamp(min=1)
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
-        return QuantizerOutput(q.to(z.dtype).contiguous(), idx, self.kl_weight * kl, counts, perplexity,
+        return QuantizerOutput(q.to(z.dtype).contiguous(), idx, self.kl_weight * kl, counts, perplexity(counts),
                                (counts > 0).float().mean(), 0, window_usage)  # fmt: skip
 
     def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
@@ -643,3 +647,5 @@ class GumbelQuantizer(nn.Module):
         if indices.min() < 0 or indices.max() >= self.num_codes:
             raise ValueError(f"code indices span [{int(indices.min())}, {int(indices.max())}]; expected 0..{self.num_codes - 1}")
         return rearrange(self.embedding(indices), "b h w d -> b d h w").contiguous()
+
+    lookup_levels = EMAQuantizer.lookup_levels
