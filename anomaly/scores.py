@@ -38,7 +38,7 @@ class AnomalyScorer:
     def __init__(self, tokenizer: VQVAE, prior, info, sigma2: float):
         info.check_tokenizer(tokenizer)
         self.tokenizer, self.prior, self.info, self.sigma2 = tokenizer.eval(), prior.eval(), info, sigma2
-        self.reference: torch.Tensor | None = None  # (N, D*h*w) latents of normal images, from fit()
+        self.reference: NearestNeighbors | None = None  # fitted on the latents of normal images by fit()
         self.k = 5
 
     @classmethod
@@ -71,7 +71,7 @@ class AnomalyScorer:
         if not 1 <= k <= len(normal_images):
             raise UserError(f"knn: k={k} needs between 1 and the {len(normal_images)} reference images")
         chunks = [self._latents(normal_images[i : i + batch_size]).flatten(1) for i in range(0, len(normal_images), batch_size)]  # fmt: skip
-        self.reference, self.k = torch.cat(chunks), k
+        self.reference, self.k = knn_index(torch.cat(chunks)), k
         return self
 
     @torch.inference_mode()
@@ -99,11 +99,16 @@ class AnomalyScorer:
         return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
 
-def knn_distance(x: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean Euclidean distance from each row of ``x`` (B, F) to its ``k`` nearest rows of ``reference`` (N, F),
-    by scikit-learn's exact nearest-neighbour search."""
-    index = NearestNeighbors(n_neighbors=k).fit(reference.float().cpu().numpy())
-    distances, _ = index.kneighbors(x.float().cpu().numpy())
+def knn_index(reference: torch.Tensor) -> NearestNeighbors:
+    """scikit-learn's exact nearest-neighbour search over the rows of ``reference`` (N, F), built once."""
+    return NearestNeighbors().fit(reference.float().cpu().numpy())
+
+
+def knn_distance(x: torch.Tensor, reference: torch.Tensor | NearestNeighbors, k: int) -> torch.Tensor:
+    """Mean Euclidean distance from each row of ``x`` (B, F) to its ``k`` nearest rows of ``reference``:
+    rows (N, F), or their :func:`knn_index` (built once, queried batch after batch)."""
+    index = knn_index(reference) if isinstance(reference, torch.Tensor) else reference
+    distances, _ = index.kneighbors(x.float().cpu().numpy(), n_neighbors=k)
     return torch.from_numpy(distances.mean(1)).to(x.device)
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from anomaly import SCORES, AnomalyScorer, auroc, knn_distance
+from anomaly import SCORES, AnomalyScorer, auroc, knn_distance, knn_index
 from bench.common import machine, report
 from common.cli import keep_freed_memory
 from common.data import FASHION_MNIST_CLASSES, DataArguments, load_image_data, load_tensors
@@ -76,7 +76,7 @@ def main():
         scores = scorer.score(images, torch.full((len(images),), c))  # the normal class as the condition
         anomalous = (labels != c).numpy()
         # The same nearest-neighbour rule on raw pixels, no model: what the tokenizer's latent space adds.
-        normal = train_images[train_labels == c].flatten(1)
+        normal = knn_index(train_images[train_labels == c].flatten(1))
         pixel_knn = torch.cat([knn_distance(x.flatten(1), normal, args.knn_k) for x in images.split(1000)])
         scores[PIXEL_KNN] = pixel_knn.double().numpy()
         results[c] = {k: 100 * auroc(scores[k], anomalous) for k in COLUMNS}

@@ -38,9 +38,13 @@ DOMAINS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
-def option(default=dataclasses.MISSING, help: str = "", domain: str | None = None, choices: list | None = None, **kw):  # noqa: A002
-    """A dataclass field with its help text and the values it accepts (a :data:`DOMAINS` name or ``choices``)."""
+def option(default=dataclasses.MISSING, help: str = "", domain: str | None = None, choices: list | None = None,  # noqa: A002
+           aliases: list[str] | None = None, **kw):  # fmt: skip
+    """A dataclass field with its help text and the values it accepts (a :data:`DOMAINS` name or ``choices``);
+    ``aliases``: other spellings of the option (``["-k"]``)."""
     metadata = {"help": help}
+    if aliases:
+        metadata["aliases"] = aliases
     if domain is not None:
         assert domain in DOMAINS, domain
         metadata["domain"] = domain
@@ -73,14 +77,15 @@ def check_domains(*parsed) -> None:
             value = getattr(obj, f.name)
             if value is None:
                 continue
+            name = (f.metadata.get("aliases") or [flag(f.name)])[0]  # as the user most likely spelled it
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
-                raise UsageError(f"{flag(f.name)} {value!r}: expected one of {', '.join(map(str, choices))}")
+                raise UsageError(f"{name} {value!r}: expected one of {', '.join(map(str, choices))}")
             domain = f.metadata.get("domain")
             if domain is not None:
                 test, expected = DOMAINS[domain]
                 if not test(value):
-                    raise UsageError(f"{flag(f.name)} {value!r}: expected {expected}")
+                    raise UsageError(f"{name} {value!r}: expected {expected}")
 
 
 def parse_args(types: tuple[type, ...], argv: list[str] | None = None, prog: str | None = None, **defaults) -> tuple:

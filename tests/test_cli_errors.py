@@ -114,6 +114,18 @@ ROWS = [
     ("anomaly", ["--prior", "{prior}", "--knn-k", "0"], 2, ["--knn-k", "0"]),
     ("anomaly", ["--prior", "{prior}", "--input", "{mixed}"], 1, ["colour", "the tokenizer takes grayscale", "--image-channels 1"]),
     ("anomaly", ["--prior", "{prior}", "--input", "{empty}", "--normal-classes", "0", "--reference", "train"], 2, ["--reference train", "--input"]),  # fmt: skip
+    # python -m features
+    ("features", ["frobnicate"], 2, ["frobnicate", "extract, index or search"]),
+    ("features", ["extract"], 2, ["--tokenizer is required"]),
+    ("features", ["extract", "--tokenizer", "{tok}", "--input", "{empty}"], 1, ["contains no images"]),
+    ("features", ["index", "--tokenizer", "{tok}", "--max-train-samples", "16", "--feature", "quantized_1"], 2, ["--feature quantized_1", "this tokenizer gives"]),  # fmt: skip
+    ("features", ["search", "--index", "{index}", "--input", "{png}", "-k", "0"], 2, ["-k 0", "positive"]),
+    ("features", ["search", "--index", "{index}", "--input", "{png}", "-k", "17"], 2, ["-k 17", "holds 16 images"]),
+    ("features", ["search", "--index", "{index}", "--input", "{big}"], 1, ["32x32", "28x28 images", "resize"]),
+    ("features", ["search", "--index", "{index}", "--input", "{rgb}"], 1, ["colour", "grayscale", "--image-channels 1"]),
+    ("features", ["search", "--index", "{index}", "--tokenizer", "{tok_levels}", "--input", "{png}"], 1, ["other weights", "rebuild the index"]),  # fmt: skip
+    ("features", ["search", "--index", "{empty}", "--input", "{png}"], 1, ["not an index folder"]),
+    ("features", ["search", "--index", "{index}", "--input", "{empty}"], 1, ["contains no images"]),
     # the demo
     ("demo.py", ["--tokenizer-steps", "0"], 2, ["--tokenizer-steps", "0"]),
     ("demo.py", ["--preset", "huge"], 2, ["--preset", "huge"]),
@@ -121,7 +133,7 @@ ROWS = [
 ]
 OUTPUT_OPTION = {"train.tokenizer": "--output-dir", "train.encode": "--output-dir", "train.prior": "--output-dir",
                  "train.classifier": "--output-dir", "sample": "--output-dir", "anomaly": "--output-dir",
-                 "evaluation": "--output-json", "demo.py": "--out"}  # fmt: skip
+                 "evaluation": "--output-json", "demo.py": "--out", "features": "--output-dir"}  # fmt: skip
 
 
 def _digest(folder):
@@ -164,7 +176,11 @@ def _bad_inputs(root, chain, fashion):
                                ).save_to_disk(str(root / "floats"))  # fmt: skip
     paths.update(strings=str(root / "strings"), floats=str(root / "floats"))
     gray[0].save(root / "photo.png")
-    paths["png"] = str(root / "photo.png")
+    gray[0].resize((32, 32)).save(root / "big.png")
+    gray[0].convert("RGB").save(root / "rgb.png")
+    paths.update(png=str(root / "photo.png"), big=str(root / "big.png"), rgb=str(root / "rgb.png"))
+    python_m("features", "index", "--tokenizer", paths["tok"], "--max-train-samples", "16", "--exact", "--output-dir", str(root / "index"))
+    paths["index"] = str(root / "index")
     # A tokenizer with two residual levels (untrained: its codes are codes all the same) and its codes.
     from tokenizer import VQVAE, get_config
 

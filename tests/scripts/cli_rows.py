@@ -17,7 +17,7 @@ import tempfile
 import traceback
 
 PRELOAD = ["torch", "transformers", "accelerate", "datasets", "common.data", "common.hub", "tokenizer", "prior",
-           "sample.pipeline", "evaluation", "codec", "anomaly", "train.loop"]  # fmt: skip
+           "sample.pipeline", "evaluation", "codec", "anomaly", "features", "train.loop"]  # fmt: skip
 
 
 def run_row(argv: list[str], env: dict, out_path: str, err_path: str) -> int:
