@@ -134,7 +134,7 @@ def run_cell(protocol: str, name: str, feats, ytr, yte, args) -> dict:
     if protocol == "few":
         return {str(n): few_labels(train, ytr, test, yte, n, range(args.seeds)) for n in (10, 100)}
     if protocol == "probe":
-        return linear_probe(train, ytr, test, yte)
+        return linear_probe(train, ytr, test, yte, max_iter=args.probe_max_iter) | {"max_iter": args.probe_max_iter}
     if protocol == "clustering":
         x, y = np.concatenate([train, test]), np.concatenate([ytr, yte])
         return clustering(x, y, 10, args.n_init, range(args.cluster_seeds)) | {"n_init": args.n_init}
@@ -150,7 +150,7 @@ def print_tables(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
         c, p, f, s = cell("clustering", n), cell("probe", n), cell("few", n), cell("search", n)
-        ms = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" ({d['runs']} seeds)" if d["runs"] != 10 else "")  # noqa: E731
+        ms = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" ({d['runs']} seed{'s' * (d['runs'] > 1)})" if d["runs"] != 10 else "")  # noqa: E731
         row = [ms(c["accuracy"]), ms(c["nmi"]), ms(c["ari"])] if c else ["-"] * 3
         row += [f"{p['accuracy']:.4f} (C={p['c']:g})" if p else "-"]
         row += [ms(f[s_][k]) for s_, k in (("10", "logistic"), ("10", "knn1"), ("100", "logistic"), ("100", "knn1"), ("100", "knn10"))] if f else ["-"] * 5
@@ -172,6 +172,7 @@ def main():
     p.add_argument("--seeds", type=int, default=10, help="draws of the few-label protocol")
     p.add_argument("--cluster-seeds", type=int, default=10, help="k-means runs (the protocol: 10)")
     p.add_argument("--n-init", type=int, default=20, help="starts of each k-means run (the protocol: 20)")
+    p.add_argument("--probe-max-iter", type=int, default=300, help="lbfgs iterations of the linear probe's fits")
     args = p.parse_args()
     print(machine(), flush=True)
     os.makedirs(args.out, exist_ok=True)
