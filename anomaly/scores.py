@@ -85,11 +85,12 @@ class AnomalyScorer:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(self.device)
             z = self._latents(x)
-            codes = self.tokenizer.quantizer.nearest_grid(z)  # (B, h, w), as tokenizer.encode
-            recon = self.tokenizer.decode(codes)
+            levels = self.tokenizer.code_layout(*x.shape[-2:])  # the codes as tokenizer.encode, flattened: the prior's levels
+            codes = levels.flatten(self.tokenizer.quantizer.nearest_grid(z), self.info.code_layout.num_levels)
+            recon = self.info.decode(self.tokenizer, codes)
             sse = ((recon.float() - x.float()) ** 2).flatten(1).sum(1)
             cond = torch.full((len(x),), -1) if conditions is None else torch.as_tensor(conditions[start : start + batch_size])
-            nats = prior_loss(self.prior, codes.flatten(1), cond.to(self.device), self.info.layout, reduction="none")
+            nats = prior_loss(self.prior, codes, cond.to(self.device), self.info.layout, reduction="none")
             nll = bits(nats) * self.info.seq_len  # bits per image
             out["nll"].append(nll.cpu())
             out["reconstruction"].append((sse / x[0].numel()).cpu())

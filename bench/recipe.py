@@ -129,6 +129,10 @@ PRIORS = {
                                                  "--n-layer", "6", "--n-embd", "384", "--n-head", "6"]),
     # Llama beat GPT-2 at the demo's 7x7 budget (docs/recipe.md): the next GPU row, against grid14-lr4e-3-6400.
     "grid14-llama-6400": ("grid14-k1024-lr4e-3", ["--max-train-steps", "6400", "--learning-rate", "1e-3", "--arch", "llama"]),
+    # Flat priors over the first levels of 8 residual levels (the baseline of the priors over levels), at the
+    # demo prior's CPU minutes: the first level's 49 codes for 600 steps, the first two levels' 98 for 300.
+    "rq8-d1-llama-600": ("residual-8-lr4e-3", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--arch", "llama", "--levels", "1"]),
+    "rq8-d2-llama-300": ("residual-8-lr4e-3", ["--max-train-steps", "300", "--learning-rate", "1e-3", "--arch", "llama", "--levels", "2"]),
     "grid14-small": ("grid14", ["--max-train-steps", "800", "--n-layer", "3", "--n-embd", "128", "--n-head", "4"]),
 }
 SAMPLING = {  # name -> pipeline settings scored for every prior (top_k 0 / top_p 1: that filter off)

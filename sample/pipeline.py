@@ -157,7 +157,7 @@ class ClassConditionalPipeline:
         for start in range(0, len(ids), batch_size):
             chunk = torch.tensor(ids[start : start + batch_size], device=self.device)
             codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, generator=g, use_cache=use_cache, **sampling)  # fmt: skip
-            images.append(self.tokenizer.decode(codes.view(-1, *self.info.grid)))
+            images.append(self.info.decode(self.tokenizer, codes))
             if progress is not None:
                 progress.update(len(chunk))
         return torch.cat(images)

@@ -63,7 +63,8 @@ ROWS = [
     ("train.prior", ["--codes", "{codes}", "--arch", "bert"], 2, ["--arch", "bert", "llama"]),
     ("train.prior", ["--codes", "{codes}", "--sample-top-p", "0"], 2, ["--sample-top-p", "0"]),
     ("train.prior", ["--codes", "{codes}", "--max-train-steps", "0"], 2, ["--max-train-steps", "0"]),
-    ("train.prior", ["--codes", "{codes_levels}"], 1, ["2 levels of 7x7", "one level"]),
+    ("train.prior", ["--codes", "{codes_levels}", "--levels", "3"], 1, ["--levels 3", "2 levels", "expected 1 to 2"]),
+    ("train.prior", ["--codes", "{codes_levels}", "--levels", "0"], 2, ["--levels", "0", "positive"]),
     # train.classifier
     ("train.classifier", ["--width", "0"], 2, ["--width", "0"]),
     ("train.classifier", ["--dropout", "1.5"], 2, ["--dropout", "1.5"]),
@@ -82,7 +83,7 @@ ROWS = [
     ("sample", ["--prior", "{prior}", "--top-k", "-3"], 2, ["--top-k", "-3"]),
     ("sample", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0", "positive"]),
     ("sample", ["--prior", "{prior}", "--classes", "Unicorn"], 1, ["Unicorn"]),
-    ("sample", ["--prior", "{prior}", "--tokenizer", "{tok_levels}"], 1, ["2 levels of codes", "one level"]),
+    ("sample", ["--prior", "{prior_levels}", "--tokenizer", "{tok}"], 1, ["the tokenizer makes a 7x7 grid", "the prior models 2 levels of 7x7"]),
     # tokenizer.push
     ("tokenizer.push", ["{prior}", "user/repo"], 1, ["holds a prior", "not a tokenizer"]),
     ("tokenizer.push", ["/no/run", "user/repo"], 1, ["/no/run"]),
@@ -188,6 +189,9 @@ def _bad_inputs(root, chain, fashion):
     python_m("train.encode", "--tokenizer", str(root / "tok_levels"), "--max-train-samples", "64", "--max-eval-samples", "32",
              "--output-dir", str(root / "codes_levels"))  # fmt: skip
     paths.update(tok_levels=str(root / "tok_levels"), codes_levels=str(root / "codes_levels"))
+    python_m("train.prior", "--codes", str(root / "codes_levels"), "--preset", "tiny", "--max-train-steps", "1", "--train-batch-size", "8",
+             "--eval-steps", "100", "--checkpointing-steps", "100", "--output-dir", str(root / "prior_levels"))  # fmt: skip
+    paths["prior_levels"] = str(root / "prior_levels")
     python_m("codec", "compress", "--prior", paths["prior"], "--input", paths["png"], "--output", str(root / "full.vqg"))
     (root / "truncated.vqg").write_bytes((root / "full.vqg").read_bytes()[:15])
     python_m("codec", "compress", "--tokenizer", paths["tok"], "--input", paths["png"], "--output", str(root / "tok_only.vqg"))

@@ -210,3 +210,47 @@ def test_gumbel_codes_are_the_argmax_of_the_logits_at_evaluation_and_samples_in_
     assert temperatures[0] == 1.0 and abs(temperatures[4] - 1 / 16) < 1e-9 and temperatures[5] == temperatures[4]
     out.quantized.sum().backward()
     assert z.grad is not None and q.to_logits.weight.grad.abs().sum() > 0, "soft in the backward pass"
+
+
+def test_a_flat_prior_models_the_flattened_levels_or_their_first_levels(tmp_path, fashion_batch):
+    """The baseline prior over multi-level codes: train.prior over every level flattened (or, with --levels
+    d, the first d), its config records the levels it models, the pipeline and python -m sample decode its
+    sequences from those levels, the anomaly scores read them, and a tokenizer of another layout is refused."""
+    from conftest import python_m
+
+    from anomaly import AnomalyScorer
+    from prior import load_prior
+    from sample import ClassConditionalPipeline
+
+    python_m("train.tokenizer", *LEVEL_ARGS, "--max-train-steps", "12", "--output-dir", str(tmp_path / "tok"))
+    python_m("train.encode", "--tokenizer", str(tmp_path / "tok"), "--max-train-samples", "256", "--max-eval-samples", "64",
+             "--output-dir", str(tmp_path / "codes"))  # fmt: skip
+    prior_args = ["--codes", str(tmp_path / "codes"), "--preset", "tiny", "--max-train-steps", "4", "--train-batch-size", "16",
+                  "--eval-steps", "4", "--checkpointing-steps", "100", "--lr-warmup-steps", "1"]  # fmt: skip
+    tok = VQVAE.from_pretrained(str(tmp_path / "tok"))
+    for levels, length in ((None, 98), (1, 49)):
+        out = tmp_path / f"prior-{levels}"
+        python_m("train.prior", *prior_args, *(["--levels", str(levels)] if levels else []), "--output-dir", str(out))
+        prior, info = load_prior(str(out))
+        assert info.seq_len == length and prior.config.n_positions == length + 1
+        assert info.code_layout.grids == ((7, 7),) * (levels or 2)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * length)
+        pipe = ClassConditionalPipeline.from_pretrained(str(out))
+        images = pipe(["Bag", "Sneaker"], seed=0, top_k=0)
+        assert images.shape == (2, 1, 28, 28)
+        # the same sequences decoded by hand from the levels the prior models
+        from prior import generate_codes
+        from sample.pipeline import generation_kwargs
+
+        g = torch.Generator().manual_seed(0)
+        codes = generate_codes(pipe.prior, info.layout, length, torch.tensor(pipe.class_ids(["Bag", "Sneaker"])), generator=g,
+                               **generation_kwargs(pipe.sampling_settings(top_k=0)))  # fmt: skip
+        assert codes.shape == (2, length) and torch.equal(images, tok.decode(codes, levels=levels or 2))
+        scores = AnomalyScorer(tok, prior, info, sigma2=0.01).score(fashion_batch[0][:8])
+        assert scores["nll"].shape == (8,) and (scores["nll"] > 0).all()
+    python_m("sample", "--prior", str(tmp_path / "prior-None"), "--per-class", "1", "--output-dir", str(tmp_path / "samples"))
+    assert len(list((tmp_path / "samples").rglob("*.png"))) >= 10
+    flat = VQVAE(get_config("tiny"))
+    with pytest.raises(ValueError, match="the tokenizer makes a 7x7 grid but the prior models 2 levels of 7x7"):
+        ClassConditionalPipeline(prior, flat, load_prior(str(tmp_path / "prior-None"))[1])

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ class PriorArguments:
     sample_guidance_schedule: str = option(DEFAULT_SAMPLING["guidance_schedule"], "linear: the guidance rises from 1 at the first code to the scale at the last.", choices=list(GUIDANCE_SCHEDULES))  # fmt: skip
     samples_per_class: int = option(4, "Samples per class in the evaluation grid.", domain="positive")
     encode_batch_size: int = option(1024, domain="positive")
+    levels: int | None = option(None, "Of multi-level codes, model only the first d levels (samples decode from them); default all.", domain="positive")  # fmt: skip
     tokenizer_hub_id: str | None = option(None, "Record this Hub id as the prior's tokenizer (when the tokenizer was pushed), instead of the local folder the codes name.")  # fmt: skip
 
     def validate(self) -> None:
@@ -58,9 +60,10 @@ class PriorArguments:
         return {k: getattr(self, f"sample_{k}") for k in DEFAULT_SAMPLING}
 
 
-def _collate(examples):
+def _collate(examples, length: int):
+    """A batch of the first ``length`` codes of each example (the levels the prior models) and its labels."""
     return {
-        "codes": torch.from_numpy(np.stack([e["codes"] for e in examples])).long(),
+        "codes": torch.from_numpy(np.stack([e["codes"][:length] for e in examples])).long(),
         "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
     }
 
@@ -85,7 +88,7 @@ class PriorStage:
         images = []
         for chunk in labels.split(256):
             codes = generate_codes(model, self.info.layout, self.info.seq_len, chunk, generator=g, **generation_kwargs(self.info.sampling))
-            images.append(self.tokenizer.to(accelerator.device).decode(codes.view(-1, *self.info.grid)).float().cpu())
+            images.append(self.info.decode(self.tokenizer.to(accelerator.device), codes).float().cpu())
         return torch.cat(images), labels
 
     @torch.no_grad()
@@ -119,7 +122,7 @@ class PriorStage:
         sampling = describe_sampling(self.info.sampling)
         return dict(
             title=f"vqgpt prior ({self.args.preset}, {arch})",
-            summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.grid[0]}x{self.info.grid[1]} code grids of the tokenizer "
+            summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.code_layout.describe()} codes (flattened level after level) of the tokenizer "
                      f"`{self.info.tokenizer}` (K={self.info.num_codes}), conditioned on {self.info.num_classes} classes "
                      "with classifier-free guidance."
                      + (f" Sample metrics: {self.args.eval_samples_per_class} samples per class ({sampling}), "
@@ -148,7 +151,8 @@ def main(argv=None):
         if not os.path.exists(os.path.join(codes_dir, "vqgpt_codes.json")):
             encode_dataset(prior_args.tokenizer, data_args, codes_dir, prior_args.encode_batch_size, accelerator)
     codes, meta = load_codes(codes_dir)
-    info = PriorInfo.from_dict({**meta, "tokenizer": prior_args.tokenizer_hub_id or meta["tokenizer"], "sampling": prior_args.sampling()})  # fmt: skip
+    info = PriorInfo.from_dict({**meta, "tokenizer": prior_args.tokenizer_hub_id or meta["tokenizer"], "sampling": prior_args.sampling()},
+                               levels=prior_args.levels)  # fmt: skip
     tokenizer = None
     try:
         tokenizer = VQVAE.from_pretrained(meta["tokenizer"]).eval() if meta["tokenizer"] else None
@@ -172,9 +176,10 @@ def main(argv=None):
         train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
     if data_args.max_eval_samples:
         test_ds = test_ds.select(range(min(data_args.max_eval_samples, len(test_ds))))
+    collate = functools.partial(_collate, length=info.seq_len)
     train_loader = torch.utils.data.DataLoader(train_ds.with_format("numpy"), batch_size=args.train_batch_size,
-                                               shuffle=True, drop_last=True, collate_fn=_collate)  # fmt: skip
-    eval_loader = torch.utils.data.DataLoader(test_ds.with_format("numpy"), batch_size=args.eval_batch_size, collate_fn=_collate)  # fmt: skip
+                                               shuffle=True, drop_last=True, collate_fn=collate)  # fmt: skip
+    eval_loader = torch.utils.data.DataLoader(test_ds.with_format("numpy"), batch_size=args.eval_batch_size, collate_fn=collate)  # fmt: skip
     stage = PriorStage(info, prior_args, tokenizer, meta.get("dataset", ""), evaluator)
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
                     tracker_config={**asdict(prior_args), "codes": codes_dir})  # fmt: skip
