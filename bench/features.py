@@ -46,16 +46,15 @@ def load_features(tokenizer: str, names: list[str]) -> tuple[dict[str, tuple[np.
         pca = PCA(50, random_state=0).fit(out["pixels"][0])
         out["pca50"] = tuple(pca.transform(x).astype(np.float32) for x in out["pixels"])
     tok = VQVAE.from_pretrained(tokenizer)
-    parts = []
-    for pyramid in (False, True):
-        extractor = FeatureExtractor(tok, pyramid)
-        raw = [extractor.extract(xtr), extractor.extract(xte)]
-        bag = CodeBag().fit(raw[0]["counts"])
-        parts.append({f"codes{'_pyramid' * pyramid}": tuple(bag.transform(r["counts"]) for r in raw)})
-        if not pyramid:
-            parts.append({n: (raw[0][n], raw[1][n]) for n in raw[0] if n != "counts"})
-    for p in parts:
-        out |= p
+    extractor = FeatureExtractor(tok, pyramid=True)
+    raw = [extractor.extract(xtr), extractor.extract(xte)]  # one pass: the whole grids' counts are among the pyramid's
+    out |= {n: (raw[0][n], raw[1][n]) for n in raw[0] if n != "counts"}
+    pyramid = [r["counts"] for r in raw]
+    # each level's counts are its whole grid, then its four quadrants (features.code_counts)
+    whole = [c.reshape(len(c), -1, 5, tok.config.num_codes)[:, :, 0].reshape(len(c), -1) for c in pyramid]
+    for name, counts in (("codes", whole), ("codes_pyramid", pyramid)):
+        bag = CodeBag().fit(counts[0])
+        out[name] = tuple(bag.transform(c) for c in counts)
     if "encoder_pca50" in names:
         pca = PCA(50, random_state=0).fit(out["encoder"][0])
         out["encoder_pca50"] = tuple(pca.transform(x).astype(np.float32) for x in out["encoder"])

@@ -137,11 +137,13 @@ def source_images(meta: dict, ids: list[str], channels: int) -> torch.Tensor:
     if "folder" in meta["source"]:
         return torch.cat([read_images(os.path.join(meta["source"]["folder"], i), transform).images for i in ids])
     data = load_image_data(DataArguments(**meta["source"]["dataset"]))
-    out = []
-    for i in ids:
-        split, row = i.split("/")
-        out.append(load_tensors(getattr(data, split).select([int(row)]), transform)[0])
-    return torch.cat(out)
+    where = [(split, int(row)) for split, row in (i.split("/") for i in ids)]
+    out: list = [None] * len(ids)
+    for split in dict.fromkeys(s for s, _ in where):  # one read of each split's rows, then back in order
+        at = [j for j, (s, _) in enumerate(where) if s == split]
+        for j, image in zip(at, load_tensors(getattr(data, split).select([where[j][1] for j in at]), transform)[0]):
+            out[j] = image
+    return torch.stack(out)
 
 
 def contact_sheet(queries: torch.Tensor, neighbours: torch.Tensor, titles: list[list[str]], path: str) -> None:

@@ -100,8 +100,8 @@ def code_counts(grids: list[torch.Tensor], num_codes: int, pyramid: bool = False
             top, left = math.ceil(h / 2), math.ceil(w / 2)
             regions += [g[:, :top, :left], g[:, :top, left:], g[:, top:, :left], g[:, top:, left:]]
         for r in regions:
-            counts = torch.zeros(b, num_codes, device=g.device)
-            parts.append(counts.scatter_add_(1, r.reshape(b, -1), torch.ones(r.reshape(b, -1).shape, device=g.device)))
+            idx = r.reshape(b, -1)
+            parts.append(torch.zeros(b, num_codes, device=g.device).scatter_add_(1, idx, torch.ones(idx.shape, device=g.device)))
     return torch.cat(parts, 1)
 
 

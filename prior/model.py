@@ -103,10 +103,8 @@ class PriorInfo:
         k, mine = tokenizer.config.num_codes, self.code_layout
         if k != self.num_codes:
             raise ValueError(f"tokenizer has K={k} codes but the prior was trained on K={self.num_codes}; use the tokenizer it names ({self.tokenizer})")  # fmt: skip
-        if self.image_size is not None:
-            theirs = tokenizer.code_layout(*self.image_size)
-        else:  # priors saved before the image size was recorded: the tokenizer's levels on the prior's grid
-            theirs = tokenizer._layout(tuple(self.grid))
+        f = tokenizer.downsample_factor  # priors saved before the image size was recorded: the size of the prior's grid
+        theirs = tokenizer.code_layout(*(self.image_size or (self.grid[0] * f, self.grid[1] * f)))
         if theirs.grids[: mine.num_levels] != mine.grids:
             raise ValueError(f"the tokenizer makes {theirs.describe()} but the prior models {mine.describe()}; use the tokenizer it names ({self.tokenizer})")  # fmt: skip
 
