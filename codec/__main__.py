@@ -8,7 +8,8 @@
 
 An input folder keeps its layout; images under <class>/ folders named like the prior's classes are coded
 with that class, others with the null class (--class names one for all). Without --prior (--tokenizer
-only) codes are stored at ceil(log2 K) bits each.
+only) codes are stored at ceil(log2 K) bits each. Of multi-level codes, --levels d codes the first d
+levels (the rate: every prefix decodes, coarser); decompress reads the levels from the file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ARCHIVE_SUFFIX, FILE_SUFFIX = ".vqga", ".vqg"
 class ModelArguments:
     prior: str | None = option(None, "Prior folder or Hub id (and the tokenizer it names).")
     tokenizer: str | None = option(None, "Tokenizer folder or Hub id: overrides the prior's, or codes without a prior.")
+    levels: int | None = option(None, "compress: of multi-level codes, code the first d levels (the rate); default all the prior models. decompress reads it from the file.", domain="positive")  # fmt: skip
 
     def validate(self) -> None:
         if self.prior is None and self.tokenizer is None:
@@ -168,7 +170,7 @@ def main(argv=None):
         raise UsageError(f"{argv[0]!r}: the first argument is the command: compress or decompress")
     command, types = argv[0], COMMANDS[argv[0]]
     models, args, *data_args = parse_args((ModelArguments, *types), argv[1:], prog=f"python -m codec {command}")
-    codec = Codec.from_pretrained(models.prior, models.tokenizer)
+    codec = Codec.from_pretrained(models.prior, models.tokenizer, models.levels)
     torch.set_grad_enabled(False)
     if command == "compress":
         compress(args, data_args[0], codec)

@@ -1,10 +1,12 @@
 """A lossy image codec from a vqgpt tokenizer and its prior: codes entropy-coded with the prior's own
 conditional distributions.
 
-Compression: image -> the tokenizer's code grid -> for every code, the prior's distribution given the
-class and the codes before it -> an integer frequency table -> rANS (``constriction``). Decompression
-runs the same prior step by step, decoding one code per step, then the tokenizer's decoder: the output
-is exactly ``decode(encode(x))``.
+Compression: image -> the tokenizer's codes (of multi-level codes, the first ``levels`` levels: the rate)
+-> for every code, the prior's distribution given the class and the codes before it -> an integer
+frequency table -> rANS (``constriction``). Decompression runs the same prior step by step (prior.steps:
+a code a step for a flat prior, a level of a position for a depth prior, a whole scale for a next-scale
+prior), decoding each step's codes, then the tokenizer's decoder: the output is exactly
+``decode(encode(x), levels)``.
 
 The two sides must compute identical tables: one differing frequency derails the rest of the stream.
 Teacher-forced and step-by-step logits differ in their last bits, and so do different batch sizes, so
@@ -33,15 +35,16 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from prior import PriorInfo, cache_keyword, load_prior
+from prior import PriorInfo, load_prior, prior_steps
 from tokenizer import VQVAE
 
 PRECISION = 16  # integer tables sum to 2**16
 VERSION = 1
 MAGIC_FILE, MAGIC_ARCHIVE = b"VQ", b"VQA"
-# One image: magic, version, flags (bit 0: entropy-coded with a prior), models id, grid h, grid w, condition, CRC-16.
+# One image: magic, version, flags (bit 0: entropy-coded with a prior; bits 4-7: the levels coded, minus one),
+# models id, grid h, grid w, condition, CRC-16.
 FILE_HEADER = struct.Struct("<2sBBIBBHH")
-# Many images: magic, version, flags (bit 0: prior, bit 1: names), models id, grid h, grid w, group size, count.
+# Many images: magic, version, flags (bit 0: prior, bit 1: names, bits 4-7: levels minus one), models id, grid h, grid w, group size, count.
 ARCHIVE_HEADER = struct.Struct("<3sBBIBBHI")
 NULL = 0xFFFF  # the condition of an unconditional record
 
@@ -52,7 +55,7 @@ class CodecError(UserError):
 
 @dataclass
 class Record:
-    codes: np.ndarray  # (h*w,) code ids
+    codes: np.ndarray  # (T,) code ids: the levels coded, level after level
     condition: int  # class id, or -1 for the null class
 
 
@@ -119,12 +122,12 @@ class Codec:
     >>> codec = Codec.from_pretrained("runs/prior")            # the prior and the tokenizer it names
     >>> data = codec.compress(image, label=7)                  # image (C, H, W) in [-1, 1]
     >>> codec.decompress(data)                                 # the tokenizer's reconstruction, exactly
+
+    ``levels``: of multi-level codes, code the first ``levels`` levels (every prefix decodes: the rate); by
+    default all the prior models (all the tokenizer's without a prior). A file records the levels it holds.
     """
 
-    def __init__(self, tokenizer: VQVAE, prior=None, info: PriorInfo | None = None):
-        if tokenizer.num_levels > 1:
-            raise UserError(f"the tokenizer makes {tokenizer.num_levels} levels of codes; the codec codes one level: "
-                            "use a tokenizer trained with --quantizer ema")  # fmt: skip
+    def __init__(self, tokenizer: VQVAE, prior=None, info: PriorInfo | None = None, levels: int | None = None):
         self.tokenizer = tokenizer.eval()
         self.num_codes = tokenizer.config.num_codes
         self.prior, self.info = None, info
@@ -134,19 +137,27 @@ class Codec:
             self.prior = copy.deepcopy(prior).to("cpu", torch.float64).eval()
         self.id = models_id(*[m for m in (tokenizer, prior) if m is not None])
         self._model = constriction.stream.model.Categorical(perfect=False)
+        self.levels = levels
+        most = info.code_layout.num_levels if prior is not None else tokenizer.num_levels
+        if levels is not None and not 1 <= levels <= most:
+            whose = f"the prior models {info.code_layout.describe()}" if prior is not None else f"the tokenizer makes {tokenizer.num_levels} level{'s' * (most > 1)}"  # fmt: skip
+            raise UserError(f"--levels {levels}: {whose}; expected 1 to {most}")
+        if prior is not None and levels is not None and levels < most and hasattr(prior, "positions"):
+            raise UserError(f"--levels {levels}: a depth prior codes the {most} levels of a position together; code all of them, "
+                            f"or train a prior with --levels {levels}")  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, prior: str | None = None, tokenizer: str | None = None) -> Codec:
+    def from_pretrained(cls, prior: str | None = None, tokenizer: str | None = None, levels: int | None = None) -> Codec:
         """A prior folder or Hub id (and the tokenizer it names, or ``tokenizer``); or a tokenizer alone."""
         if prior is None:
             if tokenizer is None:
                 raise UserError("the codec needs a prior (--prior) or at least a tokenizer (--tokenizer)")
-            return cls(VQVAE.from_pretrained(tokenizer))
+            return cls(VQVAE.from_pretrained(tokenizer), levels=levels)
         model, info = load_prior(prior)
         ref = tokenizer or info.tokenizer
         if not ref:
             raise UserError(f"prior {prior} names no tokenizer; pass --tokenizer")
-        return cls(VQVAE.from_pretrained(ref), model, info)
+        return cls(VQVAE.from_pretrained(ref), model, info, levels)
 
     @property
     def bits_per_code(self) -> int:
@@ -154,33 +165,48 @@ class Codec:
 
     # -- codes <-> images ----------------------------------------------------------------------------
 
+    def layout(self, grid: tuple[int, int]):
+        """The tokenizer's levels of codes (tokenizer.codes) on a ``grid`` of positions."""
+        f = self.tokenizer.downsample_factor
+        return self.tokenizer.code_layout(grid[0] * f, grid[1] * f)
+
+    @property
+    def coded_levels(self) -> int:
+        """The levels compress codes: ``levels``, else all the prior models, else all the tokenizer's."""
+        return self.levels or (self.info.code_layout.num_levels if self.info is not None else self.tokenizer.num_levels)
+
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """Images (N, C, H, W) in [-1, 1] -> codes (N, h*w)."""
+        """Images (N, C, H, W) in [-1, 1] -> codes (N, T) of the levels coded."""
         device = next(self.tokenizer.parameters()).device
-        return self.tokenizer.encode(images.to(device)).flatten(1).cpu().numpy()
+        codes = self.tokenizer.encode(images.to(device))
+        return self.layout(self.grid(tuple(images.shape[-2:]))).flatten(codes, self.coded_levels).cpu().numpy()
 
     def decode_codes(self, codes: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+        """Codes (N, T) of the first levels of ``grid``'s layout (as many as T holds) -> images."""
         device = next(self.tokenizer.parameters()).device
-        return self.tokenizer.decode(torch.as_tensor(codes, dtype=torch.long, device=device).view(-1, *grid)).cpu()
+        layout, t_len = self.layout(grid), np.shape(codes)[1]
+        levels = next(d for d in range(1, layout.num_levels + 1) if layout.length(d) == t_len)
+        return self.tokenizer.decode(torch.as_tensor(codes, dtype=torch.long, device=device), levels=levels, grid=tuple(grid)).cpu()
 
     # -- the tables: one path for both sides ---------------------------------------------------------
 
     @torch.inference_mode()
-    def _tables(self, conditions: list[int]):
-        """Generator of integer tables (G, K), one per code position, for a group of G records.
+    def _tables(self, conditions: list[int], t_len: int):
+        """Generator of (positions, integer tables (G*n, K)), one per step of the prior (prior.steps) over the
+        first ``t_len`` codes, for a group of G records.
 
-        After each table it must be sent the codes (G,) at that position: the known ones when
+        After each table it must be sent the codes (G, n) at those positions: the known ones when
         compressing, the decoded ones when decompressing. The two sides therefore run the same forward
-        passes on the same batch, step by step with the KV cache.
+        passes on the same batch, step by step with the prior's caches.
         """
-        layout = self.info.layout
-        ids = layout.condition_tokens(torch.tensor(conditions))[:, None]  # (G, 1)
-        past, keyword = None, cache_keyword(self.prior)
-        for t in range(self.info.seq_len):
-            out = self.prior(input_ids=ids, use_cache=True, cache_position=torch.tensor([t]), **{keyword: past})
-            past = out[keyword]
-            codes = yield integer_table(out.logits[:, -1, : layout.num_codes])
-            ids = torch.as_tensor(np.asarray(codes), dtype=torch.long)[:, None]
+        layout, k = self.info.layout, self.info.num_codes
+        steps = prior_steps(self.prior, self.info.seq_len)
+        order = [(where, level) for where, level in steps.order if int(where.max()) < t_len]
+        logits = steps.start(layout.condition_tokens(torch.tensor(conditions)))
+        for i, (where, _) in enumerate(order):
+            codes = yield where.numpy(), integer_table(logits[..., :k].reshape(-1, k))
+            if i + 1 < len(order):
+                logits = steps.feed(torch.as_tensor(np.asarray(codes), dtype=torch.long).view(len(conditions), -1))
 
     def _encode_group(self, records: list[Record]) -> bytes:
         """A group of records -> one stream: with a prior, one ANS stream over every code of the group,
@@ -188,14 +214,18 @@ class Codec:
         if self.prior is None:
             return b"".join(self._pack_bits(r.codes) for r in records)
         codes = np.stack([r.codes for r in records])  # (G, T)
-        tables = self._tables([r.condition for r in records])
-        steps = [next(tables)]
-        for t in range(codes.shape[1] - 1):
-            steps.append(tables.send(codes[:, t]))
-        tables.close()
-        probabilities = np.concatenate(steps).astype(np.float64) / (1 << PRECISION)  # (T*G, K), position-major
+        tables, symbols, steps = self._tables([r.condition for r in records], codes.shape[1]), [], []
+        where, table = next(tables)
+        while True:
+            symbols.append(codes[:, where].reshape(-1))  # (G*n,): record-major within a step, as its table
+            steps.append(table)
+            try:
+                where, table = tables.send(codes[:, where])
+            except StopIteration:
+                break
+        probabilities = np.concatenate(steps).astype(np.float64) / (1 << PRECISION)  # (T*G, K), step after step
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(codes.T.reshape(-1).astype(np.int32), self._model, probabilities)
+        coder.encode_reverse(np.concatenate(symbols).astype(np.int32), self._model, probabilities)
         return coder.get_compressed().tobytes()
 
     def _decode_group(self, payload: bytes, conditions: list[int], t_len: int, what: str) -> np.ndarray:
@@ -209,18 +239,18 @@ class Codec:
         if len(payload) % 4 or not payload:
             raise CodecError(f"{what} is damaged: {len(payload)} bytes of coded data (a non-empty multiple of 4 was written)")
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype=np.uint32).copy())
-        tables = self._tables(conditions)
-        table = next(tables)
+        tables = self._tables(conditions, t_len)
+        where, table = next(tables)
         out = np.zeros((g_len, t_len), dtype=np.int64)
-        for t in range(t_len):
+        while True:
             try:
-                out[:, t] = coder.decode(self._model, table.astype(np.float64) / (1 << PRECISION))
+                out[:, where] = coder.decode(self._model, table.astype(np.float64) / (1 << PRECISION)).reshape(g_len, -1)
             except Exception as e:  # the coder ran out of data
                 raise CodecError(f"{what} is damaged or was made with other models ({type(e).__name__})") from None
-            if t + 1 < t_len:
-                table = tables.send(out[:, t])
-        tables.close()
-        return out
+            try:
+                where, table = tables.send(out[:, where])
+            except StopIteration:
+                return out
 
     def _pack_bits(self, codes: np.ndarray) -> bytes:
         """No prior: every code in ceil(log2 K) bits."""
@@ -240,7 +270,16 @@ class Codec:
             raise UserError(f"{image_size[0]}x{image_size[1]} images make {grid[0]}x{grid[1]} code grids but the prior models {self.info.grid[0]}x{self.info.grid[1]}")  # fmt: skip
         return grid
 
-    def _check(self, magic_ok: bool, version: int, flags: int, ident: int, grid, what: str) -> None:
+    def _levels_flag(self, t_len: int, grid: tuple[int, int]) -> int:
+        """The header's bits 4-7: how many levels ``t_len`` codes on ``grid`` are, minus one."""
+        layout = self.layout(grid)
+        for d in range(1, layout.num_levels + 1):
+            if layout.length(d) == t_len:
+                return (d - 1) << 4
+        raise UserError(f"{t_len} codes are no prefix of levels of {layout.describe()}")
+
+    def _check(self, magic_ok: bool, version: int, flags: int, ident: int, grid, what: str) -> int:
+        """Refuse a file these models cannot decode; the number of codes of each of its records."""
         if not magic_ok:
             raise CodecError(f"{what} is not a vqgpt codec file (wrong magic bytes)")
         if version != VERSION:
@@ -252,6 +291,10 @@ class Codec:
             raise CodecError(f"{what} was made by another tokenizer/prior pair (models id {ident:08x}, these are {self.id:08x})")
         if self.info is not None and tuple(grid) != tuple(self.info.grid):
             raise CodecError(f"{what} holds {grid[0]}x{grid[1]} code grids but the prior makes {self.info.grid[0]}x{self.info.grid[1]}")
+        levels, layout = (flags >> 4) + 1, self.layout(grid)
+        if levels > (self.info.code_layout.num_levels if self.info is not None else layout.num_levels):
+            raise CodecError(f"{what} holds {levels} levels of codes but these models code {self.coded_levels}")
+        return layout.length(levels)
 
     def compress(self, image: torch.Tensor, label: int = -1) -> bytes:
         """One image (C, H, W) in [-1, 1] -> a file: a 13-byte header and its coded codes."""
@@ -259,17 +302,18 @@ class Codec:
 
     def compress_codes(self, codes: np.ndarray, label: int, grid: tuple[int, int]) -> bytes:
         payload = self._encode_group([Record(np.asarray(codes), label)])
-        header = FILE_HEADER.pack(MAGIC_FILE, VERSION, int(self.prior is not None), self.id, grid[0], grid[1],
+        flags = int(self.prior is not None) | self._levels_flag(len(codes), grid)
+        header = FILE_HEADER.pack(MAGIC_FILE, VERSION, flags, self.id, grid[0], grid[1],
                                   NULL if label < 0 else label, _crc(codes))  # fmt: skip
         return header + payload
 
     def decompress_codes(self, data: bytes, what: str = "file") -> tuple[np.ndarray, int, tuple[int, int]]:
-        """A file -> (codes (h*w,), condition, grid)."""
+        """A file -> (codes (T,) of the levels it holds, condition, grid)."""
         r = _Reader(data, what)
         magic, version, flags, ident, h, w, cond, crc = FILE_HEADER.unpack(r.take(FILE_HEADER.size))
-        self._check(magic == MAGIC_FILE, version, flags, ident, (h, w), what)
+        t_len = self._check(magic == MAGIC_FILE, version, flags, ident, (h, w), what)
         label = -1 if cond == NULL else cond
-        codes = self._decode_group(data[r.pos :], [label], h * w, what)[0]
+        codes = self._decode_group(data[r.pos :], [label], t_len, what)[0]
         if _crc(codes) != crc:
             raise CodecError(f"{what} did not decode to the codes it was made from (CRC mismatch): damaged, or a table differed")
         return codes, label, (h, w)
@@ -281,11 +325,11 @@ class Codec:
 
     def compress_archive(self, codes: np.ndarray, labels: list[int], grid: tuple[int, int], names: list[str] | None = None,
                          group: int = 256, progress=None) -> bytes:  # fmt: skip
-        """Many images' codes (N, h*w) -> one archive. Images are coded in groups of ``group``, each group
+        """Many images' codes (N, T) -> one archive. Images are coded in groups of ``group``, each group
         one stream decoded as one batch: per image only its condition and CRC (4 bytes) are added."""
         if not 1 <= group <= 0xFFFF:
             raise UserError(f"archive group size {group}: expected 1..65535")
-        flags = int(self.prior is not None) | (2 if names is not None else 0)
+        flags = int(self.prior is not None) | (2 if names is not None else 0) | self._levels_flag(np.shape(codes)[1], grid)
         out = [ARCHIVE_HEADER.pack(MAGIC_ARCHIVE, VERSION, flags, self.id, grid[0], grid[1], group, len(codes))]
         for start in range(0, len(codes), group):
             records = [Record(np.asarray(c), int(lb)) for c, lb in zip(codes[start : start + group], labels[start : start + group])]
@@ -300,10 +344,10 @@ class Codec:
         return b"".join(out)
 
     def decompress_archive(self, data: bytes, what: str = "archive", progress=None):
-        """An archive -> (codes (N, h*w), conditions, names or None, grid)."""
+        """An archive -> (codes (N, T), conditions, names or None, grid)."""
         r = _Reader(data, what)
         magic, version, flags, ident, h, w, group, count = ARCHIVE_HEADER.unpack(r.take(ARCHIVE_HEADER.size))
-        self._check(magic == MAGIC_ARCHIVE, version, flags, ident, (h, w), what)
+        t_len = self._check(magic == MAGIC_ARCHIVE, version, flags, ident, (h, w), what)
         codes, conditions, names = [], [], []
         for start in range(0, count, group):
             chunk = []
@@ -312,7 +356,7 @@ class Codec:
                 chunk.append((-1 if cond == NULL else cond, crc))
                 if flags & 2:
                     names.append(r.take(r.varint()).decode())
-            decoded = self._decode_group(r.take(r.varint()), [c[0] for c in chunk], h * w, what)
+            decoded = self._decode_group(r.take(r.varint()), [c[0] for c in chunk], t_len, what)
             for (cond, crc), c in zip(chunk, decoded):
                 if _crc(c) != crc:
                     raise CodecError(f"{what}: image {len(codes)} did not decode to its codes (CRC mismatch): damaged, or a table differed")  # fmt: skip
@@ -322,4 +366,4 @@ class Codec:
                 progress.update(len(chunk))
         if r.pos != len(data):
             raise CodecError(f"{what} has {len(data) - r.pos} bytes after its last image")
-        return np.stack(codes) if codes else np.zeros((0, h * w), dtype=np.int64), conditions, (names if flags & 2 else None), (h, w)
+        return np.stack(codes) if codes else np.zeros((0, t_len), dtype=np.int64), conditions, (names if flags & 2 else None), (h, w)

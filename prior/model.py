@@ -26,7 +26,9 @@ class _NoPaddingWarning(logging.Filter):
 
 logging.getLogger("transformers.modeling_utils").addFilter(_NoPaddingWarning())
 
-ARCHITECTURES = ("gpt2", "llama")  # GPT2LMHeadModel, or LlamaForCausalLM (RoPE, SwiGLU, RMSNorm: LlamaGen's choice)
+# GPT2LMHeadModel, or LlamaForCausalLM (RoPE, SwiGLU, RMSNorm: LlamaGen's choice), flat over the codes; over
+# multi-level codes also a depth prior (RQ-Transformer) or a next-scale prior (VAR), both of Llama blocks (prior.levels).
+ARCHITECTURES = ("gpt2", "llama", "depth", "scales")
 
 # Named sizes, shared by both architectures. Dropout is small: the code sequences are a compressed,
 # already-regularised signal.
@@ -115,14 +117,22 @@ def _swiglu_width(n_embd: int) -> int:
     return -(-8 * n_embd // 3 // 64) * 64
 
 
-def build_prior(preset: str, info: PriorInfo, arch: str = "gpt2", **overrides) -> GPT2LMHeadModel | LlamaForCausalLM:
-    """A new prior of ``preset`` size for ``info``'s layout; ``arch`` gpt2 or llama."""
+def build_prior(preset: str, info: PriorInfo, arch: str = "gpt2", depth_layers: int | None = None, **overrides):
+    """A new prior of ``preset`` size for ``info``'s layout; ``arch`` one of ARCHITECTURES (``depth_layers``:
+    the depth transformer's layers of a depth prior, 1 by default)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown prior preset {preset!r}; expected one of {sorted(PRESETS)}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown prior architecture {arch!r}; expected one of {list(ARCHITECTURES)}")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     layout = info.layout
+    if arch in ("depth", "scales"):
+        from .levels import LEVEL_PRIORS
+
+        config_class, model_class = LEVEL_PRIORS[arch]
+        return model_class(config_class(hidden_size=p["n_embd"], num_hidden_layers=p["n_layer"], num_attention_heads=p["n_head"],
+                                        depth_layers=depth_layers or 1, dropout=p["dropout"], vocab_size=layout.vocab_size,
+                                        vqgpt=info.to_dict()))  # fmt: skip
     common = dict(
         vocab_size=layout.vocab_size,
         # Special ids inside the vocabulary: sequences start with a condition and never end early.
@@ -150,11 +160,11 @@ def build_prior(preset: str, info: PriorInfo, arch: str = "gpt2", **overrides) -
 
 
 def architecture(config: PretrainedConfig) -> str:
-    return "llama" if config.model_type == "llama" else "gpt2"
+    return {"llama": "llama", "vqgpt-depth": "depth", "vqgpt-scales": "scales"}.get(config.model_type, "gpt2")
 
 
 def load_prior(path: str, **kwargs):
-    """A saved prior folder or Hub id (GPT-2 or Llama) -> (model in eval mode, its PriorInfo)."""
+    """A saved prior folder or Hub id (any of ARCHITECTURES) -> (model in eval mode, its PriorInfo)."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model(path, "prior"), **kwargs)
     return model.eval(), PriorInfo.from_config(model.config)
 
@@ -171,10 +181,22 @@ def prior_loss(model, codes: torch.Tensor, labels: torch.Tensor, layout: TokenLa
     if p_uncond > 0:
         drop = torch.rand(cond.shape, device=cond.device) < p_uncond
         cond = torch.where(drop, torch.full_like(cond, layout.null_token), cond)
-    inputs = torch.cat([cond[:, None], codes[:, :-1]], dim=1)  # (B, T): condition, code_1..code_{T-1}
-    logits = model(input_ids=inputs).logits[..., : layout.num_codes]  # (B, T, K): only codes are predicted
+    logits = code_logits(model, codes, cond, layout)
     nll = F.cross_entropy(logits.float().reshape(-1, layout.num_codes), codes.reshape(-1), reduction=reduction)
     return nll if reduction == "mean" else nll.view(codes.shape).mean(1)  # "none": (B,) per sequence
+
+
+def code_logits(model, codes: torch.Tensor, cond: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Teacher-forced logits (B, T, K) of every code of ``codes`` (B, T) given condition tokens (B,): a flat
+    prior reads ``[condition, code_1 .. code_{T-1}]``; a level prior (prior.levels) computes its own, through
+    its forward (so that a DDP or FSDP wrapper sees the call)."""
+    inner = model
+    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):  # DDP / FSDP / torch.compile wrappers
+        inner = getattr(inner, "module", None) or inner._orig_mod
+    if hasattr(inner, "code_logits"):
+        return model(codes=codes, cond=cond)
+    inputs = torch.cat([cond[:, None], codes[:, :-1]], dim=1)  # (B, T): condition, code_1..code_{T-1}
+    return model(input_ids=inputs).logits[..., : layout.num_codes]  # (B, T, K): only codes are predicted
 
 
 def bits(nats):  # float or tensor

@@ -19,19 +19,22 @@ from common.images import to_pil
 # demo's 7x7 prior (docs/recipe.md). train.prior records its --sample-* settings (these by default) in the
 # prior's config, and the prior then samples at them: a 14x14 prior trained with --sample-guidance-scale 2.5
 # --sample-guidance-schedule linear samples at those. top_k 0 and top_p 1 turn a filter off.
-DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0, guidance_schedule="constant")
+# deep_temperature / deep_top_k: the levels after the first of multi-level codes (None: as the first level).
+DEFAULT_SAMPLING = dict(guidance_scale=2.0, temperature=1.0, top_k=100, top_p=1.0, guidance_schedule="constant",
+                        deep_temperature=None, deep_top_k=None)  # fmt: skip
 
 
 def generation_kwargs(settings: dict) -> dict:
     """Sampling settings (top_k 0 / top_p 1 = off) -> the keyword arguments of ``generate_codes``."""
     return dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
                 top_k=settings["top_k"] or None, top_p=settings["top_p"] if settings["top_p"] < 1 else None,
-                guidance_schedule=settings["guidance_schedule"])  # fmt: skip
+                guidance_schedule=settings["guidance_schedule"], deep_temperature=settings.get("deep_temperature"),
+                deep_top_k=settings.get("deep_top_k"))  # fmt: skip
 
 
 def describe_sampling(settings: dict) -> str:
     """One line of sampling settings, as the commands print them and the prior's card records them."""
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
 
 
 @dataclass
@@ -44,6 +47,8 @@ class SamplingArguments:
     top_k: int | None = option(None, "Keep the k most likely codes; 0 = no top-k filtering. Default: the prior's own, else 100.", domain="non-negative")  # fmt: skip
     top_p: float | None = option(None, "Nucleus filtering; 1 = none. Default: the prior's own, else 1.", domain="top-p")  # fmt: skip
     guidance_schedule: str | None = option(None, "How the guidance applies over the codes: constant, or linear (rising from 1 at the first code to --guidance-scale at the last). Default: the prior's own, else constant.", choices=list(GUIDANCE_SCHEDULES))  # fmt: skip
+    deep_temperature: float | None = option(None, "Multi-level codes: the temperature of the levels after the first (0 = greedy). Default: the prior's own, else as --temperature.", domain="non-negative")  # fmt: skip
+    deep_top_k: int | None = option(None, "Multi-level codes: top-k of the levels after the first (0 = none). Default: the prior's own, else as --top-k.", domain="non-negative")  # fmt: skip
     seed: int = option(0, "Seed of the sampling RNG: the same seed gives the same images.", domain="non-negative")
     batch_size: int = option(64, "Images generated at once (guidance doubles the rows).", domain="positive")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "Device of the prior and the decoder.")
@@ -135,6 +140,8 @@ class ClassConditionalPipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         guidance_schedule: str | None = None,
+        deep_temperature: float | None = None,
+        deep_top_k: int | None = None,
         seed: int | None = None,
         batch_size: int = 64,
         num_images: int | None = None,
@@ -144,10 +151,12 @@ class ClassConditionalPipeline:
         """Images (B, C, H, W) in [-1, 1], one per label (``labels=None``: ``num_images`` unconditional).
 
         A sampling setting left None is the prior's own (``sampling_settings``); ``top_k=0`` and
-        ``top_p=1`` turn those filters off."""
+        ``top_p=1`` turn those filters off; ``deep_temperature`` and ``deep_top_k`` set the levels after the first
+        of multi-level codes (``deep_temperature=0``: those levels greedily)."""
         ids = self.class_ids(labels) if labels is not None else [-1] * (num_images or 1)
         sampling = generation_kwargs(self.sampling_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                                            top_p=top_p, guidance_schedule=guidance_schedule))  # fmt: skip
+                                                            top_p=top_p, guidance_schedule=guidance_schedule,
+                                                            deep_temperature=deep_temperature, deep_top_k=deep_top_k))  # fmt: skip
         g = torch.Generator(device=self.device)
         if seed is not None:
             g.manual_seed(seed)

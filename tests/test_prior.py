@@ -180,6 +180,7 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     assert "llama" in card and "| fd |" in card and "| class_accuracy |" in card
     assert "guidance_scale 1.5, temperature 1.0, top_k 0, top_p 1.0, guidance_schedule linear" in card, "the card names what it samples at"
     pipe = ClassConditionalPipeline.from_pretrained(str(tmp_path / "full"))
-    assert info.sampling == pipe.sampling_settings() == dict(guidance_scale=1.5, temperature=1.0, top_k=0, top_p=1.0, guidance_schedule="linear")
+    assert info.sampling == pipe.sampling_settings() == dict(guidance_scale=1.5, temperature=1.0, top_k=0, top_p=1.0, guidance_schedule="linear",
+                                                                     deep_temperature=None, deep_top_k=None)  # fmt: skip
     images = pipe(["Bag", 0], guidance_scale=2.0, seed=0)
     assert images.shape == (2, 1, 28, 28) and torch.equal(images, pipe([8, "T-shirt/top"], guidance_scale=2.0, seed=0))

@@ -116,7 +116,7 @@ def test_a_prior_samples_at_its_own_settings_unless_a_call_names_others(pipe):
     assert pipe.sampling_settings() == pipe.info.sampling == DEFAULT_SAMPLING  # the chain's prior: the defaults
     own = dict(guidance_scale=1.5, temperature=0.8, top_k=0, top_p=0.9, guidance_schedule="linear")
     tuned = ClassConditionalPipeline(pipe.prior, pipe.tokenizer, dataclasses.replace(pipe.info, sampling=own))
-    assert tuned.sampling_settings(top_k=5) == {**own, "top_k": 5}
+    assert tuned.sampling_settings(top_k=5) == {**own, "top_k": 5, "deep_temperature": None, "deep_top_k": None}
     labels = [3, 7, 7, 9]
     assert torch.equal(tuned(labels, seed=1), pipe(labels, seed=1, **own))
     assert not torch.equal(tuned(labels, seed=1), pipe(labels, seed=1))

@@ -1,4 +1,4 @@
-"""Stage two: train the prior (GPT-2 or Llama) on code sequences.
+"""Stage two: train the prior (GPT-2 or Llama; over levels of codes also a depth or a next-scale prior) on code sequences.
 
     accelerate launch -m train.prior --codes runs/codes --preset fashion-mnist --output-dir runs/prior
     accelerate launch -m train.prior --tokenizer runs/tok --dataset fashion_mnist --output-dir runs/prior
@@ -32,7 +32,8 @@ class PriorArguments:
     codes: str | None = option(None, "Folder written by train.encode.")
     tokenizer: str | None = option(None, "Without --codes: encode --dataset with this tokenizer first (cached in OUTPUT_DIR/codes).")  # fmt: skip
     preset: str = option("fashion-mnist", "Model size.", choices=list(PRESETS))
-    arch: str = option("gpt2", "gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM: RoPE, SwiGLU, RMSNorm).", choices=list(ARCHITECTURES))  # fmt: skip
+    arch: str = option("gpt2", "gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM: RoPE, SwiGLU, RMSNorm) over the flattened codes; over levels of codes also depth (RQ-Transformer: a spatial and a depth Llama) or scales (VAR: next-scale prediction).", choices=list(ARCHITECTURES))  # fmt: skip
+    depth_layers: int | None = option(None, "--arch depth: layers of the depth transformer (default 1).", domain="positive")
     p_uncond: float = option(0.1, "Probability of replacing the class by the null class (trains guidance).", domain="probability")  # fmt: skip
     n_layer: int | None = option(None, domain="positive")
     n_embd: int | None = option(None, domain="positive")
@@ -47,6 +48,8 @@ class PriorArguments:
     sample_top_k: int = option(DEFAULT_SAMPLING["top_k"], "0 = no top-k filtering.", domain="non-negative")
     sample_top_p: float = option(DEFAULT_SAMPLING["top_p"], "1 = no nucleus filtering.", domain="top-p")
     sample_guidance_schedule: str = option(DEFAULT_SAMPLING["guidance_schedule"], "linear: the guidance rises from 1 at the first code to the scale at the last.", choices=list(GUIDANCE_SCHEDULES))  # fmt: skip
+    sample_deep_temperature: float | None = option(None, "Multi-level codes: the temperature of the levels after the first (0 = greedy; default as the first).", domain="non-negative")  # fmt: skip
+    sample_deep_top_k: int | None = option(None, "Multi-level codes: top-k of the levels after the first (0 = none; default as the first).", domain="non-negative")  # fmt: skip
     samples_per_class: int = option(4, "Samples per class in the evaluation grid.", domain="positive")
     encode_batch_size: int = option(1024, domain="positive")
     levels: int | None = option(None, "Of multi-level codes, model only the first d levels (samples decode from them); default all.", domain="positive")  # fmt: skip
@@ -55,6 +58,8 @@ class PriorArguments:
     def validate(self) -> None:
         if self.codes is None and self.tokenizer is None:
             raise UsageError("pass --codes (a train.encode folder) or --tokenizer with --dataset to encode first")
+        if self.depth_layers is not None and self.arch != "depth":
+            raise UsageError(f"--depth-layers {self.depth_layers} is for --arch depth (this is --arch {self.arch})")
 
     def sampling(self) -> dict:
         return {k: getattr(self, f"sample_{k}") for k in DEFAULT_SAMPLING}
@@ -120,9 +125,11 @@ class PriorStage:
         cfg = model.config
         arch = architecture(cfg)
         sampling = describe_sampling(self.info.sampling)
+        kind = {"gpt2": "A GPT-2 prior", "llama": "A Llama prior", "depth": "A depth-transformer prior (RQ-Transformer, Llama blocks)",
+                "scales": "A next-scale prior (VAR, Llama blocks)"}[arch]  # fmt: skip
         return dict(
             title=f"vqgpt prior ({self.args.preset}, {arch})",
-            summary=(f"A {'GPT-2' if arch == 'gpt2' else 'Llama'} prior over {self.info.code_layout.describe()} codes (flattened level after level) of the tokenizer "
+            summary=(f"{kind} over {self.info.code_layout.describe()} codes of the tokenizer "
                      f"`{self.info.tokenizer}` (K={self.info.num_codes}), conditioned on {self.info.num_classes} classes "
                      "with classifier-free guidance."
                      + (f" Sample metrics: {self.args.eval_samples_per_class} samples per class ({sampling}), "
@@ -134,7 +141,7 @@ class PriorStage:
                      "parameters": sum(p.numel() for p in model.parameters()), "p_uncond": self.args.p_uncond,
                      "samples by default at": sampling,
                      "uniform baseline (bits/token)": f"{math.log2(self.info.num_codes):.4g}"},  # fmt: skip
-            tags=[arch, "image-generation", "class-conditional"],
+            tags=[arch if arch in ("gpt2", "llama") else "llama", "image-generation", "class-conditional"],
             usage='from sample import ClassConditionalPipeline\npipe = ClassConditionalPipeline.from_pretrained("PATH_OR_REPO_ID")\n'
                   f'images = pipe(["{self.info.class_names[0] if self.info.class_names else 0}"] * 8)',
         )  # fmt: skip
@@ -170,7 +177,7 @@ def main(argv=None):
             evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), reference, classifier=classifier)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_prior(prior_args.preset, info, arch=prior_args.arch, n_layer=prior_args.n_layer, n_embd=prior_args.n_embd,
-                        n_head=prior_args.n_head, dropout=prior_args.dropout)  # fmt: skip
+                        n_head=prior_args.n_head, dropout=prior_args.dropout, depth_layers=prior_args.depth_layers)  # fmt: skip
     train_ds, test_ds = codes["train"], codes["test"]
     if data_args.max_train_samples:
         train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
