@@ -2,10 +2,16 @@
 and the cost of classifier-free guidance (scale 2) against none (scale 1). Targets: >= 3x, <= 2.2x.
 
     python -m bench.sampling [PRIOR_DIR]   # default: a fresh fashion-mnist prior and tokenizer (speed only)
+    python -m bench.sampling --layouts     # every prior over its codes against the flat 14x14 prior
+
+``--layouts``: images per second (prior and decoder, batch 64, guidance 2, 128 images, the best of three)
+of fresh fashion-mnist-preset priors and tokenizers over each layout of codes, side by side in one run:
+speed does not depend on the weights. Target: a prior over levels at least 3x faster than the flat 14x14.
 """
 
 import sys
 import time
+from dataclasses import replace
 
 from bench.common import machine, report
 from common.cli import keep_freed_memory
@@ -16,9 +22,46 @@ from tokenizer import VQVAE, get_config
 N = 100
 
 
+# name -> (tokenizer preset and overrides, prior architecture)
+LAYOUTS = {
+    "flat 14x14 (llama)": (("fashion-mnist-14", {}), "llama"),
+    "flat 7x7 (llama)": (("fashion-mnist", {}), "llama"),
+    "flat, 2 residual levels of 7x7 (llama)": (("fashion-mnist", dict(quantizer="residual", levels=2)), "llama"),
+    "depth, 2 residual levels of 7x7": (("fashion-mnist", dict(quantizer="residual", levels=2)), "depth"),
+    "depth, 4 residual levels of 7x7": (("fashion-mnist", dict(quantizer="residual", levels=4)), "depth"),
+    "next-scale, scales 1,2,4,7": (("fashion-mnist", dict(quantizer="multiscale", scales=[1, 2, 4, 7])), "scales"),
+    "next-scale, 4 residual levels of 7x7": (("fashion-mnist", dict(quantizer="residual", levels=4)), "scales"),
+}
+
+
+def layouts() -> None:
+    n, rates = 128, {}
+    for name, ((preset, overrides), arch) in LAYOUTS.items():
+        tok = VQVAE(replace(get_config(preset), **overrides)).eval()
+        layout = tok.code_layout(28, 28)
+        info = PriorInfo(tok.config.num_codes, 10, [str(i) for i in range(10)], layout.grid, None, (28, 28),
+                         levels=layout.grids if layout.num_levels > 1 else None)  # fmt: skip
+        pipe = ClassConditionalPipeline(build_prior("fashion-mnist", info, arch=arch), tok, info)
+        labels = [i % 10 for i in range(n)]
+        pipe(labels[:64], seed=0, batch_size=64, guidance_scale=2.0)  # warm-up
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            pipe(labels, seed=0, batch_size=64, guidance_scale=2.0)
+            times.append(time.perf_counter() - t)
+        rates[name] = n / min(times)
+        print(f"{name}: {info.seq_len} codes, {rates[name]:.1f} img/s", flush=True)
+    base = rates["flat 14x14 (llama)"]
+    for name, rate in rates.items():
+        report(f"sampling images/s, {name}", rate, "img/s", "flat 14x14 (llama)", base, ratio=rate / base,
+               target=">= 3x faster than the flat 14x14" if name != "flat 14x14 (llama)" else "")  # fmt: skip
+
+
 def main():
     keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     print(f"machine: {machine()}")
+    if sys.argv[1:] == ["--layouts"]:
+        return layouts()
     if len(sys.argv) > 1:
         pipe = ClassConditionalPipeline.from_pretrained(sys.argv[1])
     else:

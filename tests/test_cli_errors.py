@@ -65,6 +65,9 @@ ROWS = [
     ("train.prior", ["--codes", "{codes}", "--max-train-steps", "0"], 2, ["--max-train-steps", "0"]),
     ("train.prior", ["--codes", "{codes_levels}", "--levels", "3"], 1, ["--levels 3", "2 levels", "expected 1 to 2"]),
     ("train.prior", ["--codes", "{codes_levels}", "--levels", "0"], 2, ["--levels", "0", "positive"]),
+    ("train.prior", ["--codes", "{codes}", "--arch", "depth"], 1, ["a depth prior models 2 or more levels of one grid, not a 7x7 grid", "--arch llama"]),  # fmt: skip
+    ("train.prior", ["--codes", "{codes_levels}", "--arch", "depth", "--levels", "1"], 1, ["a depth prior", "not a 7x7 grid"]),
+    ("train.prior", ["--codes", "{codes_levels}", "--depth-layers", "2"], 2, ["--depth-layers 2", "--arch depth", "--arch gpt2"]),
     # train.classifier
     ("train.classifier", ["--width", "0"], 2, ["--width", "0"]),
     ("train.classifier", ["--dropout", "1.5"], 2, ["--dropout", "1.5"]),
@@ -84,6 +87,8 @@ ROWS = [
     ("sample", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0", "positive"]),
     ("sample", ["--prior", "{prior}", "--classes", "Unicorn"], 1, ["Unicorn"]),
     ("sample", ["--prior", "{prior_levels}", "--tokenizer", "{tok}"], 1, ["the tokenizer makes a 7x7 grid", "the prior models 2 levels of 7x7"]),
+    ("sample", ["--prior", "{prior_depth}", "--tokenizer", "{tok}"], 1, ["the tokenizer makes a 7x7 grid", "the prior models 2 levels of 7x7"]),
+    ("sample", ["--prior", "{prior_depth}", "--deep-temperature", "-1"], 2, ["--deep-temperature", "-1"]),
     # tokenizer.push
     ("tokenizer.push", ["{prior}", "user/repo"], 1, ["holds a prior", "not a tokenizer"]),
     ("tokenizer.push", ["/no/run", "user/repo"], 1, ["/no/run"]),
@@ -104,6 +109,9 @@ ROWS = [
     ("codec", ["compress", "--prior", "{prior}", "--input", "{mixed}", "--output", X], 1, ["colour", "the tokenizer takes grayscale", "--image-channels 1"]),  # fmt: skip
     ("codec", ["compress", "--prior", "{prior}", "--input", "{png}", "--image-channels", "3", "--output", X], 2, ["--image-channels 3", "1 channel"]),  # fmt: skip
     ("codec", ["decompress", "--prior", "{prior}", "--input", "{png}", "--streaming"], 2, ["unrecognized", "--streaming"]),
+    ("codec", ["compress", "--prior", "{prior_levels}", "--levels", "3", "--input", "{png}", "--output", X], 1, ["--levels 3", "the prior models 2 levels of 7x7", "expected 1 to 2"]),  # fmt: skip
+    ("codec", ["compress", "--prior", "{prior_depth}", "--levels", "1", "--input", "{png}", "--output", X], 1, ["--levels 1", "a depth prior codes the 2 levels of a position together"]),  # fmt: skip
+    ("codec", ["compress", "--tokenizer", "{tok}", "--levels", "2", "--input", "{png}", "--output", X], 1, ["--levels 2", "the tokenizer makes 1 level", "expected 1 to 1"]),  # fmt: skip
     ("codec", ["compress", "--tokenizer", "{tok_levels}", "--input", "{png}", "--output", X], 1, ["2 levels of codes", "one level"]),
     # python -m anomaly
     ("anomaly", ["--prior", "{prior}", "--fpr", "1.5"], 2, ["--fpr", "1.5"]),
@@ -192,6 +200,9 @@ def _bad_inputs(root, chain, fashion):
     python_m("train.prior", "--codes", str(root / "codes_levels"), "--preset", "tiny", "--max-train-steps", "1", "--train-batch-size", "8",
              "--eval-steps", "100", "--checkpointing-steps", "100", "--output-dir", str(root / "prior_levels"))  # fmt: skip
     paths["prior_levels"] = str(root / "prior_levels")
+    python_m("train.prior", "--codes", str(root / "codes_levels"), "--arch", "depth", "--preset", "tiny", "--max-train-steps", "1",
+             "--train-batch-size", "8", "--eval-steps", "100", "--checkpointing-steps", "100", "--output-dir", str(root / "prior_depth"))  # fmt: skip
+    paths["prior_depth"] = str(root / "prior_depth")
     python_m("codec", "compress", "--prior", paths["prior"], "--input", paths["png"], "--output", str(root / "full.vqg"))
     (root / "truncated.vqg").write_bytes((root / "full.vqg").read_bytes()[:15])
     python_m("codec", "compress", "--tokenizer", paths["tok"], "--input", paths["png"], "--output", str(root / "tok_only.vqg"))

@@ -123,3 +123,24 @@ def test_training_push_to_hub(tmp_path):
     assert "residual scales 1,2,4,7 of codes" in card and "psnr_levels_3" in card
     loaded = VQVAE.from_pretrained(repo)
     assert loaded.num_levels == 4 and loaded.code_layout(28, 28).length() == 70
+
+
+def test_a_depth_prior_goes_up_with_its_card_and_loads_from_the_hub_folder(tmp_path):
+    """A prior over levels of codes (here the depth prior) is pushed by the training loop like a flat one, and the
+    pushed folder loads alone through AutoModelForCausalLM."""
+    from prior import load_prior
+    from train.encode import main as encode_main
+    from train.prior import main as prior_main
+
+    VQVAE(get_config("tiny", quantizer="residual", levels=2)).save_pretrained(tmp_path / "tok")
+    encode_main(["--tokenizer", str(tmp_path / "tok"), "--max-train-samples", "64", "--max-eval-samples", "32",
+                 "--output-dir", str(tmp_path / "codes")])  # fmt: skip
+    hub = FakeHub(tmp_path / "hub")
+    with hub.patches():
+        prior_main(["--codes", str(tmp_path / "codes"), "--arch", "depth", "--preset", "tiny", "--max-train-steps", "2",
+                    "--train-batch-size", "16", "--output-dir", str(tmp_path / "run"), "--push-to-hub", "--hub-model-id", "someone/prior"])  # fmt: skip
+    repo = tmp_path / "hub" / "someone" / "prior"
+    assert sorted(os.listdir(repo)) == ["README.md", "config.json", "model.safetensors"]
+    assert "depth-transformer prior" in (repo / "README.md").read_text()
+    model, info = load_prior(str(repo))
+    assert type(model).__name__ == "DepthPrior" and info.code_layout.describe() == "2 levels of 7x7"

@@ -158,7 +158,7 @@ def _prior_args(codes, arch: str) -> list[str]:
 
 
 @pytest.mark.parametrize("arch", ["depth", "scales"])
-def test_level_prior_trains_resumes_exactly_saves_loads_and_samples(level_codes, tmp_path, fashion_batch, arch):
+def test_level_prior_trains_resumes_exactly_saves_loads_and_samples(level_codes, chain, tmp_path, fashion_batch, arch):
     from anomaly import AnomalyScorer
     from sample import ClassConditionalPipeline
     from sample.pipeline import generation_kwargs
@@ -187,6 +187,9 @@ def test_level_prior_trains_resumes_exactly_saves_loads_and_samples(level_codes,
     python_m("sample", "--prior", str(tmp_path / "full"), "--classes", "Bag,0", "--per-class", "2", "--deep-temperature", "0",
              "--output-dir", str(tmp_path / "samples"))  # fmt: skip
     assert len(list((tmp_path / "samples").rglob("*.png"))) == 5  # 2 + 2, and grid.png
+    proc = python_m("evaluation", "--prior", str(tmp_path / "full"), "--per-class", "4", "--classifier", str(chain["classifier"]),
+                    "--max-reference", "200", "--output-json", str(tmp_path / "eval.json"))  # fmt: skip
+    assert "deep_temperature 0.5" in proc.stdout and json.loads((tmp_path / "eval.json").read_text())["num_samples"] == 40
 
 
 @pytest.mark.parametrize("arch", ["depth", "scales"])
