@@ -2,9 +2,10 @@
 
     python demo.py [--out runs/demo] [--fresh] [--grid 7|14] [--tokenizer-steps 1000] [--prior-steps N] [--prior-arch llama|gpt2] [--preset tiny --max-samples N]
 
-1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset: 7x7 codes from 512, or with --grid 14 14x14 from 1024)
+1. accelerate launch -m train.tokenizer    (VQ-VAE, fashion-mnist preset: 8 residual levels of 7x7 codes from 512 each,
+                                            or with --grid 14 one 14x14 grid from 1024)
 2. accelerate launch -m train.encode       (codes of all 70k images)
-3. accelerate launch -m train.prior        (fashion-mnist preset: Llama, 600 steps; with --grid 14 GPT-2, 6400 steps)
+3. accelerate launch -m train.prior        (fashion-mnist preset: Llama over the first level, 600 steps; with --grid 14 GPT-2, 6400 steps)
 4. accelerate launch -m train.classifier   (the reference classifier of the evaluation)
 5. python -m sample                        (10 classes x 80 images, at the sampling settings the prior records)
 6. python -m evaluation                    (FD, precision, recall, class accuracy, each beside its real-data floor)
@@ -32,12 +33,14 @@ from common.files import atomic_write_text
 from prior import ARCHITECTURES
 
 # The demo's chain for each code grid, chosen in docs/recipe.md and docs/tokenizer.md: the tokenizer's
-# options beyond the preset, the prior's steps and architecture, and the sampling the prior records (python -m
-# sample's defaults for it). 7x7 is what 2 CPU cores train in the demo's budget; 14x14 reconstructs far
-# better, and its prior over 4x the codes samples best with a guidance that rises over the codes.
+# options beyond the preset, the prior's options, steps and architecture, and the sampling the prior records
+# (python -m sample's defaults for it). 7x7 positions are what 2 CPU cores train in the demo's budget: 8
+# residual levels (every prefix decodes; all 8: the codec's 31.6 dB), the prior over the first; 14x14
+# reconstructs far better, and its prior over 4x the codes samples best with a guidance that rises over the codes.
 RECIPES = {
-    7: dict(tokenizer=["--learning-rate", "1e-3"], prior_steps=600, prior_arch="llama", sampling=[]),
-    14: dict(tokenizer=["--num-downsamples", "1", "--num-codes", "1024", "--learning-rate", "4e-3"], prior_steps=6400,
+    7: dict(tokenizer=["--learning-rate", "4e-3", "--quantizer", "residual", "--levels", "8", "--quantizer-dropout", "0.5"],
+            prior=["--levels", "1"], prior_steps=600, prior_arch="llama", sampling=[]),
+    14: dict(tokenizer=["--num-downsamples", "1", "--num-codes", "1024", "--learning-rate", "4e-3"], prior=[], prior_steps=6400,
              prior_arch="gpt2", sampling=["--sample-guidance-scale", "2.5", "--sample-guidance-schedule", "linear", "--sample-top-k", "200"]),
 }  # fmt: skip
 
@@ -91,7 +94,8 @@ def run_chain(args: DemoArguments) -> dict:
         shutil.rmtree(out)
     # What the stages are trained with (the samples and their scores are made again at every run).
     settings = dict(grid=args.grid, preset=preset, tokenizer_steps=tokenizer_steps, prior_steps=prior_steps, prior_arch=prior_arch,
-                    classifier_steps=args.classifier_steps, max_samples=max_samples)  # fmt: skip
+                    classifier_steps=args.classifier_steps, max_samples=max_samples,
+                    tokenizer_options=" ".join(recipe["tokenizer"]), prior_options=" ".join(recipe["prior"]))  # fmt: skip
     record = os.path.join(out, "demo.json")
     if os.path.exists(record):
         with open(record) as f:
@@ -119,7 +123,7 @@ def run_chain(args: DemoArguments) -> dict:
     stage("encode", os.path.join(codes, "vqgpt_codes.json"), _launch(
         "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes, *limit))  # fmt: skip
     stage("prior", os.path.join(prior, "metrics.json"), _launch(
-        "train.prior", "--codes", codes, "--preset", preset, "--arch", prior_arch, *recipe["sampling"], "--output-dir", prior,
+        "train.prior", "--codes", codes, "--preset", preset, "--arch", prior_arch, *recipe["prior"], *recipe["sampling"], "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--learning-rate", "1e-3", "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
     stage("classifier", os.path.join(clf, "metrics.json"), _launch(
@@ -150,7 +154,7 @@ def main(argv=None):
     tm, pm, cm, sm = (r["metrics"][k] for k in ("tokenizer", "prior", "classifier", "samples"))
     print(f"""
 vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min
-  tokenizer  {r['tokenizer']}   test PSNR {tm['psnr']:.2f} dB, codebook usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}
+  tokenizer  {r['tokenizer']}   test PSNR {tm['psnr']:.2f} dB{f" (its first level alone {tm['psnr_levels_1']:.2f})" if 'psnr_levels_1' in tm else ''}, codebook usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}
   prior      {r['prior']}   {r['prior_arch']}, {r['prior_steps']} steps, test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
   classifier test accuracy {cm['accuracy']:.3f}
   samples    FD {sm['fd']:.3f} (real-data floor {sm['fd_floor']:.3f}, {sm['fd'] / sm['fd_floor']:.1f}x), precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}), class accuracy {sm['accuracy']:.3f}

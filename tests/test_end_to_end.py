@@ -38,6 +38,7 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
         assert line in proc.stdout, line
     pipe = ClassConditionalPipeline.from_pretrained(str(out / "prior"))
     assert pipe.prior.config.model_type == "llama"  # the demo's prior (docs/recipe.md)
+    assert pipe.tokenizer.num_levels == 8 and pipe.info.code_layout.num_levels == 1, "8 residual levels, the prior over the first"
     assert pipe(["Bag"], seed=0).shape == (1, 1, 28, 28)
 
     again = run([sys.executable, *args])
@@ -51,12 +52,13 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     assert "gpt2, 40 steps" in grid14.stdout
     pipe = ClassConditionalPipeline.from_pretrained(str(out14 / "prior"))
     assert pipe.prior.config.model_type == "gpt2" and pipe.info.seq_len == 196 and pipe.info.num_codes == 1024
-    assert pipe.sampling_settings() == dict(guidance_scale=2.5, temperature=1.0, top_k=200, top_p=1.0, guidance_schedule="linear")
+    assert pipe.sampling_settings() == dict(guidance_scale=2.5, temperature=1.0, top_k=200, top_p=1.0, guidance_schedule="linear",
+                                            deep_temperature=None, deep_top_k=None)  # fmt: skip
     assert "sampling at " in grid14.stdout and json.loads((out14 / "evaluation.json").read_text())["num_samples"] == 80
     # The 7x7 folder is not reused for the 14x14 chain: its recorded settings differ, and nothing runs.
     other = run([sys.executable, "demo.py", "--out", str(out), "--grid", "14", *args[3:]], check=False)
     assert other.returncode == 2 and "$ " not in other.stdout, other.stdout
-    assert "holds a demo trained with other settings (grid 7 -> 14, prior_arch llama -> gpt2)" in other.stderr.splitlines()[-1], other.stderr
+    assert "holds a demo trained with other settings (grid 7 -> 14, prior_arch llama -> gpt2, tokenizer_options --learning-rate 4e-3 --quantizer residual" in other.stderr.splitlines()[-1], other.stderr
 
 
 TOK = ["--preset", "fashion-mnist", "--max-train-samples", "512", "--max-eval-samples", "64", "--train-batch-size", "16",
