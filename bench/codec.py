@@ -100,7 +100,7 @@ def plot(points: list[dict], curves: dict, png: float, path: str) -> None:
     ax.set_xlabel("bytes per image (Fashion-MNIST test split, 28x28 grey)")
     ax.set_ylabel("PSNR (dB)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

@@ -9,7 +9,7 @@ of fresh fashion-mnist-preset priors and tokenizers over each layout of codes, s
 speed does not depend on the weights. Target: a prior over levels at least 3x faster than the flat 14x14.
 """
 
-import sys
+import argparse
 import time
 from dataclasses import replace
 
@@ -58,12 +58,16 @@ def layouts() -> None:
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("prior", nargs="?", help="a prior folder (default: a fresh fashion-mnist prior and tokenizer)")
+    ap.add_argument("--layouts", action="store_true", help="every layout of codes and its prior against the flat 14x14 prior")
+    args = ap.parse_args()
     keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     print(f"machine: {machine()}")
-    if sys.argv[1:] == ["--layouts"]:
+    if args.layouts:
         return layouts()
-    if len(sys.argv) > 1:
-        pipe = ClassConditionalPipeline.from_pretrained(sys.argv[1])
+    if args.prior:
+        pipe = ClassConditionalPipeline.from_pretrained(args.prior)
     else:
         info = PriorInfo(512, 10, [str(i) for i in range(10)], (7, 7), None, (28, 28))
         pipe = ClassConditionalPipeline(build_prior("fashion-mnist", info), VQVAE(get_config("fashion-mnist")), info)
