@@ -125,8 +125,7 @@ def main():
         labels = labels.tolist()
         originals = np.stack([np.asarray(im) for im in to_pil(images)])
         most = codec.coded_levels
-        depth_prior = hasattr(codec.prior, "positions")
-        for d in range(1, most + 1) if args.levels == "all" and not depth_prior else [most]:
+        for d in [d for d in range(1, most + 1) if codec.can_code(d)] if args.levels == "all" else [most]:
             point = code_split(Codec(codec.tokenizer, codec.prior, codec.info, levels=d), images, labels, originals, args.group)
             points.append(dict(prior=path, levels=d, **point))
             print(f"{path} levels {d}: {point['bytes']:.1f} B per image, {point['psnr']:.2f} dB, "

@@ -36,6 +36,7 @@ import torch
 
 from common.cli import UserError
 from prior import PriorInfo, load_prior, prior_steps
+from prior.model import architecture
 from tokenizer import VQVAE
 
 PRECISION = 16  # integer tables sum to 2**16
@@ -142,9 +143,9 @@ class Codec:
         if levels is not None and not 1 <= levels <= most:
             whose = f"the prior models {info.code_layout.describe()}" if prior is not None else f"the tokenizer makes {tokenizer.num_levels} level{'s' * (most > 1)}"  # fmt: skip
             raise UserError(f"--levels {levels}: {whose}; expected 1 to {most}")
-        if prior is not None and levels is not None and levels < most and hasattr(prior, "positions"):
-            raise UserError(f"--levels {levels}: a depth prior codes the {most} levels of a position together; code all of them, "
-                            f"or train a prior with --levels {levels}")  # fmt: skip
+        if levels is not None and not self.can_code(levels):
+            raise UserError(f"--levels {levels}: a {architecture(prior.config)} prior codes the {most} levels of a position together; "
+                            f"code all of them, or train a prior with --levels {levels}")  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, prior: str | None = None, tokenizer: str | None = None, levels: int | None = None) -> Codec:
@@ -170,6 +171,16 @@ class Codec:
         f = self.tokenizer.downsample_factor
         return self.tokenizer.code_layout(grid[0] * f, grid[1] * f)
 
+    def can_code(self, levels: int) -> bool:
+        """Whether the first ``levels`` levels can be coded alone: without a prior always; with one, when its steps
+        (prior.steps) emit every code of those levels before any other (a flat or next-scale prior: any prefix; a
+        depth prior, which emits all the levels of a position together: all its levels only)."""
+        if self.prior is None:
+            return True
+        n = self.info.code_layout.length(levels)
+        emitted = torch.cat([where for where, _ in prior_steps(self.prior, self.info.seq_len).order])
+        return bool((emitted[:n] < n).all())
+
     @property
     def coded_levels(self) -> int:
         """The levels compress codes: ``levels``, else all the prior models, else all the tokenizer's."""
@@ -184,8 +195,7 @@ class Codec:
     def decode_codes(self, codes: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
         """Codes (N, T) of the first levels of ``grid``'s layout (as many as T holds) -> images."""
         device = next(self.tokenizer.parameters()).device
-        layout, t_len = self.layout(grid), np.shape(codes)[1]
-        levels = next(d for d in range(1, layout.num_levels + 1) if layout.length(d) == t_len)
+        levels = self.layout(grid).levels_of(np.shape(codes)[1])
         return self.tokenizer.decode(torch.as_tensor(codes, dtype=torch.long, device=device), levels=levels, grid=tuple(grid)).cpu()
 
     # -- the tables: one path for both sides ---------------------------------------------------------
@@ -272,11 +282,7 @@ class Codec:
 
     def _levels_flag(self, t_len: int, grid: tuple[int, int]) -> int:
         """The header's bits 4-7: how many levels ``t_len`` codes on ``grid`` are, minus one."""
-        layout = self.layout(grid)
-        for d in range(1, layout.num_levels + 1):
-            if layout.length(d) == t_len:
-                return (d - 1) << 4
-        raise UserError(f"{t_len} codes are no prefix of levels of {layout.describe()}")
+        return (self.layout(grid).levels_of(t_len) - 1) << 4
 
     def _check(self, magic_ok: bool, version: int, flags: int, ident: int, grid, what: str) -> int:
         """Refuse a file these models cannot decode; the number of codes of each of its records."""

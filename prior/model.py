@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from common.hub import resolve_model
@@ -190,10 +191,7 @@ def code_logits(model, codes: torch.Tensor, cond: torch.Tensor, layout: TokenLay
     """Teacher-forced logits (B, T, K) of every code of ``codes`` (B, T) given condition tokens (B,): a flat
     prior reads ``[condition, code_1 .. code_{T-1}]``; a level prior (prior.levels) computes its own, through
     its forward (so that a DDP or FSDP wrapper sees the call)."""
-    inner = model
-    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):  # DDP / FSDP / torch.compile wrappers
-        inner = getattr(inner, "module", None) or inner._orig_mod
-    if hasattr(inner, "code_logits"):
+    if hasattr(extract_model_from_parallel(model, keep_torch_compile=False), "code_logits"):  # under DDP / FSDP / compile
         return model(codes=codes, cond=cond)
     inputs = torch.cat([cond[:, None], codes[:, :-1]], dim=1)  # (B, T): condition, code_1..code_{T-1}
     return model(input_ids=inputs).logits[..., : layout.num_codes]  # (B, T, K): only codes are predicted

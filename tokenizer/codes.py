@@ -43,6 +43,13 @@ class CodeLayout:
         """Codes in the first ``levels`` levels (all by default)."""
         return sum(h * w for h, w in self.grids[: self.levels(levels)])
 
+    def levels_of(self, length: int) -> int:
+        """How many levels a prefix of ``length`` codes holds; a length that is no prefix of levels is an error."""
+        for d in range(1, self.num_levels + 1):
+            if self.length(d) == length:
+                return d
+        raise ValueError(f"{length} codes are no prefix of levels of {self.describe()}")
+
     def levels(self, levels: int | None) -> int:
         """``levels`` checked against this layout (None: all)."""
         if levels is None:
