@@ -85,8 +85,8 @@ class AnomalyScorer:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(self.device)
             z = self._latents(x)
-            levels = self.tokenizer.code_layout(*x.shape[-2:])  # the codes as tokenizer.encode, flattened: the prior's levels
-            codes = levels.flatten(self.tokenizer.quantizer.nearest_grid(z), self.info.code_layout.num_levels)
+            levels, d = self.tokenizer.code_layout(*x.shape[-2:]), self.info.code_layout.num_levels  # the prior's levels
+            codes = levels.flatten(self.tokenizer.quantizer.nearest_grid(z, d), d)  # as tokenizer.encode, flattened
             recon = self.info.decode(self.tokenizer, codes)
             sse = ((recon.float() - x.float()) ** 2).flatten(1).sum(1)
             cond = torch.full((len(x),), -1) if conditions is None else torch.as_tensor(conditions[start : start + batch_size])

@@ -133,6 +133,10 @@ PRIORS = {
     # demo prior's CPU minutes: the first level's 49 codes for 600 steps, the first two levels' 98 for 300.
     "rq8-d1-llama-600": ("residual-8-lr4e-3", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--arch", "llama", "--levels", "1"]),
     "rq8-d2-llama-300": ("residual-8-lr4e-3", ["--max-train-steps", "300", "--learning-rate", "1e-3", "--arch", "llama", "--levels", "2"]),
+    # A small set (the emoji's 3,317 images) memorised by 600 steps: fewer passes, or GPT-2 with its dropout.
+    "rq8-d1-llama-200": ("residual-8-lr4e-3", ["--max-train-steps", "200", "--learning-rate", "1e-3", "--arch", "llama", "--levels", "1"]),
+    "rq8-d1-gpt2-600-drop": ("residual-8-lr4e-3", ["--max-train-steps", "600", "--learning-rate", "1e-3", "--arch", "gpt2", "--levels", "1",
+                                                   "--dropout", "0.1"]),
     # The priors over levels at the same minutes (4.2-4.4 on the xeon; their steps from the step time measured
     # beside the flat prior's: 414 ms flat over 49 codes, 666 depth over 2 levels, 1110 over 4, 655 next-scale).
     "rq8-d2-depth-380": ("residual-8-lr4e-3", ["--max-train-steps", "380", "--learning-rate", "1e-3", "--arch", "depth", "--levels", "2"]),

@@ -189,7 +189,7 @@ class Codec:
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """Images (N, C, H, W) in [-1, 1] -> codes (N, T) of the levels coded."""
         device = next(self.tokenizer.parameters()).device
-        codes = self.tokenizer.encode(images.to(device))
+        codes = self.tokenizer.encode(images.to(device), self.coded_levels)
         return self.layout(self.grid(tuple(images.shape[-2:]))).flatten(codes, self.coded_levels).cpu().numpy()
 
     def decode_codes(self, codes: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:

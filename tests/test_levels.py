@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -108,9 +109,21 @@ def test_tokenizer_decodes_any_prefix_of_its_levels(fashion_batch):
         expected = model.decoder(latent).clamp(-1, 1)
         assert torch.allclose(model.decode(codes, levels=d), expected, atol=1e-6)
         assert torch.allclose(model.decode(codes[:, : layout.length(d)], levels=d), expected, atol=1e-6)
+        assert torch.equal(model.encode(x, d), codes[:, : layout.length(d)])  # the first d levels, the rest never computed
     assert torch.allclose(model.decode(codes), model(x).reconstruction.clamp(-1, 1), atol=1e-5)
-    with pytest.raises(ValueError, match="levels=4: this tokenizer's codes have 3 levels; expected 1 to 3"):
-        model.decode(codes, levels=4)
+    for call in (lambda: model.decode(codes, levels=4), lambda: model.encode(x, 4)):
+        with pytest.raises(ValueError, match="levels=4: this tokenizer's codes have 3 levels; expected 1 to 3"):
+            call()
+
+
+def test_multiscale_tokenizer_encodes_any_prefix_of_its_scales(fashion_batch):
+    torch.manual_seed(0)
+    model = VQVAE(get_config("tiny", quantizer="multiscale", scales=[1, 3, 7])).eval()
+    x = fashion_batch[0][:4]
+    codes = model.encode(x)
+    assert codes.shape == (4, 1 + 9 + 49)
+    for d, n in ((1, 1), (2, 10), (3, 59)):
+        assert torch.equal(model.encode(x, d), codes[:, :n])
 
 
 def test_bad_level_options_are_one_line():
@@ -219,7 +232,7 @@ def test_a_flat_prior_models_the_flattened_levels_or_their_first_levels(tmp_path
     from conftest import python_m
 
     from anomaly import AnomalyScorer
-    from prior import load_prior
+    from prior import bits, load_prior, prior_loss
     from sample import ClassConditionalPipeline
 
     python_m("train.tokenizer", *LEVEL_ARGS, "--max-train-steps", "12", "--output-dir", str(tmp_path / "tok"))
@@ -247,8 +260,14 @@ def test_a_flat_prior_models_the_flattened_levels_or_their_first_levels(tmp_path
         codes = generate_codes(pipe.prior, info.layout, length, torch.tensor(pipe.class_ids(["Bag", "Sneaker"])), generator=g,
                                **generation_kwargs(pipe.sampling_settings(top_k=0)))  # fmt: skip
         assert codes.shape == (2, length) and torch.equal(images, tok.decode(codes, levels=levels or 2))
-        scores = AnomalyScorer(tok, prior, info, sigma2=0.01).score(fashion_batch[0][:8])
-        assert scores["nll"].shape == (8,) and (scores["nll"] > 0).all()
+        x = fashion_batch[0][:8]
+        scores = AnomalyScorer(tok, prior, info, sigma2=0.01).score(x)
+        ours = tok.encode(x, levels)  # the levels the prior models, and only those
+        assert ours.shape == (8, length)
+        with torch.inference_mode():
+            nll = bits(prior_loss(prior, ours, torch.full((8,), -1), info.layout, reduction="none")) * length
+            mse = ((tok.decode(ours, levels=levels or 2) - x) ** 2).flatten(1).mean(1)
+        assert np.allclose(scores["nll"], nll.numpy(), rtol=1e-5) and np.allclose(scores["reconstruction"], mse.numpy(), rtol=1e-5)
     python_m("sample", "--prior", str(tmp_path / "prior-None"), "--per-class", "1", "--output-dir", str(tmp_path / "samples"))
     assert len(list((tmp_path / "samples").rglob("*.png"))) >= 10
     flat = VQVAE(get_config("tiny"))

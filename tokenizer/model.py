@@ -251,11 +251,12 @@ class VQVAE(
         return VQVAEOutput(recon, q.indices, rec_loss + q.loss, rec_loss, q.loss, stats)
 
     @torch.inference_mode()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> codes, long: (B, H/f, W/f) for one level, else (B, T), level
-        after level (tokenizer.codes)."""
+        after level (tokenizer.codes), of the first ``levels`` levels (all by default)."""
         self.check_images(x)
-        return self.quantizer.nearest_grid(self.encoder(x))
+        levels = self.code_layout(*x.shape[-2:]).levels(levels)
+        return self.quantizer.nearest_grid(self.encoder(x), levels)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, levels: int | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -287,8 +287,8 @@ class EMAQuantizer(nn.Module):
         usage = (counts > 0).float().mean()
         return QuantizerOutput(q, indices, loss, counts, perplexity(counts), usage, restarted, window_usage)
 
-    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w) of the nearest codes for encoder outputs (B, D, h, w); no updates."""
+    def nearest_grid(self, z: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Indices (B, h, w) of the nearest codes for encoder outputs (B, D, h, w) (one level); no updates."""
         b, _, h, w = z.shape
         return self.nearest(rearrange(self._to_code_space(z), "b d h w -> (b h w) d")).view(b, h, w)
 
@@ -429,12 +429,13 @@ class ResidualQuantizer(nn.Module):
                 windows.append(wu)
         return torch.stack(counts), restarted, torch.stack(windows)
 
-    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes (B, L * h * w) of encoder outputs (B, D, h, w), level after level; no updates."""
+    def nearest_grid(self, z: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Codes (B, d * h * w) of encoder outputs (B, D, h, w), level after level, of the first d = ``levels``
+        levels (all by default; the rest are never computed); no updates."""
         b, _, h, w = z.shape
         residual = rearrange(z, "b d h w -> (b h w) d").float()
         idxs = []
-        for i in range(self.num_levels):
+        for i in range(levels or self.num_levels):
             idx = self.level(i).nearest(residual)
             residual = residual - F.embedding(idx, self.level(i).codebook)
             idxs.append(idx)
@@ -566,12 +567,13 @@ class MultiScaleQuantizer(nn.Module):
         _, restarted, window = self.codebook.update(rows[used], codes[used])
         return _all_reduce_sum(self._counts(codes, used)), restarted, window
 
-    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes (B, sum s^2) of encoder outputs (B, D, h, w), coarse scale first; no updates."""
+    def nearest_grid(self, z: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Codes (B, sum s^2) of encoder outputs (B, D, h, w), coarse scale first, of the first ``levels``
+        scales (all by default); no updates."""
         b, _, h, w = z.shape
         self._check_grid(h, w)
         rest, idxs = z.float().clone(), []
-        for i, s in enumerate(self.scales):
+        for i, s in enumerate(self.scales[: levels or len(self.scales)]):
             idx = self.codebook.nearest(self._rows(rest, s))
             q = rearrange(F.embedding(idx, self.codebook.codebook), "(b h w) d -> b d h w", b=b, h=s, w=s)
             rest = rest - self._up(i, q, h, w)
@@ -639,8 +641,8 @@ class GumbelQuantizer(nn.Module):
         return QuantizerOutput(q.to(z.dtype).contiguous(), idx, self.kl_weight * kl, counts, perplexity(counts),
                                (counts > 0).float().mean(), 0, window_usage)  # fmt: skip
 
-    def nearest_grid(self, z: torch.Tensor) -> torch.Tensor:
-        """The hard codes (B, h, w) of encoder outputs (B, D, h, w): the argmax of the logits."""
+    def nearest_grid(self, z: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """The hard codes (B, h, w) of encoder outputs (B, D, h, w) (one level): the argmax of the logits."""
         return self.to_logits(z.float()).argmax(1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
