@@ -44,8 +44,8 @@ RECIPES = {
              prior_arch="gpt2", sampling=["--sample-guidance-scale", "2.5", "--sample-guidance-schedule", "linear", "--sample-top-k", "200"]),
 }  # fmt: skip
 
-# A prior step over 196 codes on 2 CPU cores, the range of the machines in docs/results.md (bench.prior_throughput).
-CPU_SECONDS_PER_196_CODE_STEP = (2.8, 3.9)
+# A prior step over 196 codes on 2 CPU cores, the range of the machines in docs/results.md.
+CPU_SECONDS_PER_196_CODE_STEP = (1.9, 3.9)
 
 
 @dataclass
