@@ -35,10 +35,10 @@ class PriorArguments:
     arch: str = option("gpt2", "gpt2 (GPT2LMHeadModel) or llama (LlamaForCausalLM: RoPE, SwiGLU, RMSNorm) over the flattened codes; over levels of codes also depth (RQ-Transformer: a spatial and a depth Llama) or scales (VAR: next-scale prediction).", choices=list(ARCHITECTURES))  # fmt: skip
     depth_layers: int | None = option(None, "--arch depth: layers of the depth transformer (default 1).", domain="positive")
     p_uncond: float = option(0.1, "Probability of replacing the class by the null class (trains guidance).", domain="probability")  # fmt: skip
-    n_layer: int | None = option(None, domain="positive")
-    n_embd: int | None = option(None, domain="positive")
-    n_head: int | None = option(None, domain="positive")
-    dropout: float | None = option(None, domain="probability")
+    n_layer: int | None = option(None, "Transformer layers (default: the preset's).", domain="positive")
+    n_embd: int | None = option(None, "Width (default: the preset's).", domain="positive")
+    n_head: int | None = option(None, "Attention heads (default: the preset's).", domain="positive")
+    dropout: float | None = option(None, "Dropout (default: the preset's). GPT-2: residual, embedding and attention; Llama and the level priors: attention only (transformers' Llama has no other).", domain="probability")  # fmt: skip
     classifier: str | None = option(None, "Reference classifier: evaluation then samples and reports FD, precision, recall and class accuracy.")  # fmt: skip
     eval_samples_per_class: int = option(20, "With --classifier: samples per class scored at each evaluation.", domain="positive")  # fmt: skip
     # The prior's sampling settings: its evaluation samples at them, and they are recorded in its config as
