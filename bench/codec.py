@@ -118,12 +118,14 @@ def main():
     torch.set_grad_enabled(False)
     print(f"machine: {machine()}")
     data = load_image_data(DataArguments(max_eval_samples=args.limit))
-    points = []
+    points, split = [], {}  # the test split, loaded once per channel count
     for path in args.priors:
         codec = Codec.from_pretrained(path)
-        images, labels = load_tensors(data.test, codec.tokenizer.config.in_channels)
-        labels = labels.tolist()
-        originals = np.stack([np.asarray(im) for im in to_pil(images)])
+        channels = codec.tokenizer.config.in_channels
+        if channels not in split:
+            images, labels = load_tensors(data.test, channels)
+            split[channels] = images, labels.tolist(), np.stack([np.asarray(im) for im in to_pil(images)])
+        images, labels, originals = split[channels]
         most = codec.coded_levels
         for d in [d for d in range(1, most + 1) if codec.can_code(d)] if args.levels == "all" else [most]:
             point = code_split(Codec(codec.tokenizer, codec.prior, codec.info, levels=d), images, labels, originals, args.group)

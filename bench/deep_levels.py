@@ -54,7 +54,8 @@ class DeepLevels(nn.Module):
 
 
 def prefix_latents(tok, grids: list[torch.Tensor]) -> torch.Tensor:
-    """(B, L, D, h, w): the latent of the first l levels for l = 1..L (the cumulative sums of their codes)."""
+    """(B, L, D, h, w): the latent of the first l levels for l = 1..L (the cumulative sums of their codes;
+    ``tok.quantizer.lookup_levels`` of each prefix, all at once for training)."""
     return torch.stack([tok.quantizer.level(i).lookup(g) for i, g in enumerate(grids)], 1).cumsum(1)
 
 
@@ -133,7 +134,7 @@ def main():
             grids, gen = layout.split(first, 1), torch.Generator().manual_seed(seed)
             with torch.inference_mode():
                 for lv in range(1, max(int(d) for d in args.levels.split(","))):
-                    latent = prefix_latents(tok, grids)[:, -1]
+                    latent = tok.quantizer.lookup_levels(grids)  # the levels so far
                     logits = net(latent, torch.full((len(labels),), lv), labels)
                     if t == 0:
                         grids.append(logits.argmax(1))
