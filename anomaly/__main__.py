@@ -13,6 +13,7 @@ counts as anomalous and the summary gives each score's AUROC and the threshold a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from common.cli import UsageError, option, parse_args, run_main
 from common.data import DataArguments, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
 from common.files import publish_dir, staging_dir
 
-from .scores import AnomalyScorer, auroc, threshold_at_fpr
+from .scores import AnomalyScorer, auroc, reference_images, threshold_at_fpr
 
 
 @dataclass
@@ -64,15 +65,6 @@ def _load(args: AnomalyArguments, data_args: DataArguments, transform: ImageTran
     ds = data.test if args.split == "test" else data.train
     images, labels = load_tensors(ds, transform)
     return images, labels, data.class_names, [f"{args.split}/{i}" for i in range(len(images))], data
-
-
-def _reference(args: AnomalyArguments, transform: ImageTransform, data) -> torch.Tensor:
-    """The normal images of the knn score: a folder, or the training images of --normal-classes in ``data``
-    (only those are decoded)."""
-    if args.reference != "train":
-        return read_images(args.reference, transform).images
-    keep = class_ids(args.normal_classes, data.class_names, "--normal-classes")
-    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), transform)[0]
 
 
 def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None, path: str) -> None:
@@ -115,13 +107,14 @@ def main(argv=None):
     else:
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
     if args.reference:
-        reference = _reference(args, transform, data)
+        reference = reference_images(args.reference, args.normal_classes, data_args, transform, data)
         scorer.fit(reference, k=args.knn_k)
     scores = scorer.score(images, conditions)
     anomalous = None
     summary: dict = {"images": len(images), "prior": args.prior, "condition": args.condition, "sigma2": scorer.sigma2}
     if args.reference:
-        summary.update(reference=args.reference, reference_images=len(reference), knn_k=args.knn_k)
+        summary.update(reference=args.reference, reference_images=len(reference), knn_k=args.knn_k,
+                       data=dataclasses.asdict(data_args))  # fmt: skip
     if args.normal_classes:
         normal = class_ids(args.normal_classes, names, "--normal-classes")
         anomalous = ~np.isin(labels.numpy(), sorted(normal))

@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 
 from common.cli import UserError
+from common.data import DataArguments, ImageData, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
 from prior import bits, load_prior, prior_loss
 from tokenizer import VQVAE
 
@@ -98,6 +99,67 @@ class AnomalyScorer:
             if self.reference is not None:
                 out["knn"].append(knn_distance(z.flatten(1), self.reference, self.k).cpu())
         return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def reference_images(reference: str, normal_classes: str | None, data_args: DataArguments, transform: ImageTransform,
+                     data: ImageData | None = None) -> torch.Tensor:  # fmt: skip
+    """The normal images of the knn score: a folder, or with ``reference='train'`` the training images of
+    ``normal_classes`` in ``data_args``' dataset (``data``: that dataset, if loaded already; only those are decoded)."""
+    if reference != "train":
+        return read_images(reference, transform).images
+    data = data or load_image_data(data_args)
+    keep = class_ids(normal_classes, data.class_names, "--normal-classes")
+    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), transform)[0]
+
+
+class AnomalyDetector:
+    """Scores and flags from a ``python -m anomaly --normal-classes ...`` output folder: its models, its
+    pixel variance and knn reference, and each score's threshold at its false-positive rate.
+
+    >>> detector = AnomalyDetector.from_folder("runs/scores")
+    >>> scores, flags = detector(images)     # {score: (N,)}, {score: (N,) bool}; flags[detector.decisive]
+    """
+
+    def __init__(self, scorer: AnomalyScorer, summary: dict, where: str):
+        self.scorer, self.summary = scorer, summary
+        self.thresholds = {k: summary[k]["threshold"] for k in SCORES if isinstance(summary.get(k), dict)}
+        if not self.thresholds:
+            raise UserError(f"{where} has no thresholds (summary.json): run python -m anomaly with --normal-classes")
+        # The score that separated the folder's normal and anomalous images best decides the flag.
+        self.decisive = max(self.thresholds, key=lambda k: summary[k]["auroc"])
+        names = scorer.info.class_names
+        condition = summary.get("condition", "null")
+        self.condition = names.index(condition) if condition in names else -1  # 'label' cannot apply to unlabelled images
+
+    @classmethod
+    def from_folder(cls, path: str, prior: str | None = None, loaded: tuple | None = None) -> AnomalyDetector:
+        """The folder's summary.json; its prior (or ``prior``: the same models moved; ``loaded``: that prior
+        already loaded, as (tokenizer, prior model, PriorInfo)) and, for knn, its reference."""
+        file = os.path.join(path, "summary.json")
+        if not os.path.isfile(file):
+            raise UserError(f"{path}: not a python -m anomaly output folder (no summary.json)")
+        with open(file) as f:
+            summary = json.load(f)
+        if prior and os.path.exists(summary["prior"]) and os.path.realpath(prior) != os.path.realpath(summary["prior"]):
+            raise UserError(f"{path} was scored with the prior {summary['prior']}, not {prior}: its thresholds hold for that prior only")
+        if loaded is not None:
+            scorer = AnomalyScorer(*loaded, sigma2=summary["sigma2"])
+        else:
+            scorer = AnomalyScorer.from_pretrained(prior or summary["prior"], sigma2=summary["sigma2"])
+        if summary.get("reference"):
+            if "data" not in summary:
+                raise UserError(f"{path} records no dataset for its knn reference: score it again with this vqgpt")
+            data_args = DataArguments(**summary["data"])
+            transform = model_transform(data_args, scorer.tokenizer.config.in_channels, "the tokenizer")
+            scorer.fit(reference_images(summary["reference"], ",".join(summary["normal_classes"]), data_args, transform),
+                       k=summary["knn_k"])  # fmt: skip
+        return cls(scorer, summary, path)
+
+    def __call__(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per-image scores (as ``AnomalyScorer.score``, under the folder's condition) and flags
+        (score above its threshold)."""
+        scores = self.scorer.score(images, torch.full((len(images),), self.condition))
+        return scores, {k: scores[k] > t for k, t in self.thresholds.items() if k in scores}
 
 
 def knn_index(reference: torch.Tensor) -> NearestNeighbors:

@@ -407,11 +407,13 @@ class ImageTransform:
     """
 
     def __init__(self, channels: int, resolution: int | None = None, multiple: int | None = None,
-                 size: tuple[int, int] | None = None, convert: bool = True, expected_by: str = FIRST_IMAGE):  # fmt: skip
+                 size: tuple[int, int] | None = None, convert: bool = True, expected_by: str = FIRST_IMAGE,
+                 convert_option: str = "--image-channels"):  # fmt: skip
         self.channels, self.resolution, self.multiple = channels, resolution, multiple
         self.size = None if resolution else size  # (H, W) every image must have, when not resized
         self.convert = convert  # False: a grayscale image in an RGB dataset (or the reverse) is an error
         self.expected_by = expected_by  # what fixed the colour mode, for that error
+        self.convert_option = convert_option  # what the error tells the user to set (the service's field is image_channels)
 
     def pixels(self, value) -> torch.Tensor:
         img = decode_image(value)
@@ -422,7 +424,7 @@ class ImageTransform:
                 want, fix = "is " + ("grayscale" if self.channels == 1 else "colour"), "1 or 3"
             else:
                 want, fix = "takes " + ("grayscale (1 channel)" if self.channels == 1 else "colour (3 channels)"), str(self.channels)  # fmt: skip
-            raise DataError(f"image {where} is {kind} but {self.expected_by} {want}; pass --image-channels {fix} to convert every image")  # fmt: skip
+            raise DataError(f"image {where} is {kind} but {self.expected_by} {want}; pass {self.convert_option} {fix} to convert every image")  # fmt: skip
         if self.size and (img.height, img.width) != tuple(self.size):
             raise DataError(f"image {where} is {img.width}x{img.height} but the dataset's first image is "
                             f"{self.size[1]}x{self.size[0]}; pass --resolution N to resize every image")  # fmt: skip

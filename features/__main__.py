@@ -21,17 +21,16 @@ import sys
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import UsageError, UserError, option, parse_args, run_main
-from common.data import DataArguments, ImageTransform, atomic_save_to_disk, load_image_data, load_tensors, model_transform, read_images
+from common.cli import UsageError, option, parse_args, run_main
+from common.data import DataArguments, atomic_save_to_disk, load_image_data, load_tensors, model_transform, read_images
 from common.files import publish_dir, staging_dir
 from tokenizer import VQVAE
 
 from .extract import DESCRIPTIONS, CodeBag, FeatureExtractor, features, fingerprint
-from .index import METRICS, FeatureIndex
+from .index import METRICS, FeatureIndex, ImageSearch
 
 
 @dataclass
@@ -131,21 +130,6 @@ def index(args: SourceArguments, index_args: IndexArguments, data_args: DataArgu
     print(f"{len(built)} images -> {args.output_dir}: {kind} index of {index_args.feature} ({vectors.shape[1]} values, {index_args.metric})")
 
 
-def source_images(meta: dict, ids: list[str], channels: int) -> torch.Tensor:
-    """The indexed images ``ids`` from the index's source, for the contact sheet."""
-    transform = ImageTransform(channels)
-    if "folder" in meta["source"]:
-        return torch.cat([read_images(os.path.join(meta["source"]["folder"], i), transform).images for i in ids])
-    data = load_image_data(DataArguments(**meta["source"]["dataset"]))
-    where = [(split, int(row)) for split, row in (i.split("/") for i in ids)]
-    out: list = [None] * len(ids)
-    for split in dict.fromkeys(s for s, _ in where):  # one read of each split's rows, then back in order
-        at = [j for j, (s, _) in enumerate(where) if s == split]
-        for j, image in zip(at, load_tensors(getattr(data, split).select([where[j][1] for j in at]), transform)[0]):
-            out[j] = image
-    return torch.stack(out)
-
-
 def contact_sheet(queries: torch.Tensor, neighbours: torch.Tensor, titles: list[list[str]], path: str) -> None:
     """A row per query: the query, then its neighbours with their titles (matplotlib)."""
     import matplotlib
@@ -169,25 +153,13 @@ def contact_sheet(queries: torch.Tensor, neighbours: torch.Tensor, titles: list[
 
 
 def search(args: SearchArguments, data_args: DataArguments) -> None:
-    built = FeatureIndex.load(args.index)
-    meta = built.meta
-    tokenizer = VQVAE.from_pretrained(args.tokenizer or meta["tokenizer"])
-    if fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
-        raise UserError(f"index {args.index} was built with the tokenizer {meta['tokenizer']} (weights {meta['tokenizer_fingerprint']}); "
-                        f"{args.tokenizer or meta['tokenizer']} now holds other weights ({fingerprint(tokenizer)}): rebuild the index with it")  # fmt: skip
-    if args.k > len(built):
-        raise UsageError(f"-k {args.k}: the index holds {len(built)} images; expected 1 to {len(built)}")
+    searcher = ImageSearch.from_folder(args.index, args.tokenizer)
+    searcher.check_k(args.k, "-k")
+    tokenizer = searcher.extractor.tokenizer
     found = read_images(args.input, model_transform(data_args, tokenizer.config.in_channels, "the index's tokenizer"))
-    size = list(found.images.shape[-2:])
-    if size != meta["image_size"]:
-        h, w = meta["image_size"]
-        raise UserError(f"query images are {size[0]}x{size[1]}; the index holds features of {h}x{w} images: resize the queries to {h}x{w}")  # fmt: skip
-    raw = FeatureExtractor(tokenizer, meta["pyramid"]).extract(found.images)
-    queries = features(raw, CodeBag(meta["idf"]))[meta["feature"]]
-    distances, rows = built.search(queries, args.k)
-    names, labels, ids = meta["class_names"], meta["labels"], meta["ids"]
-    label = lambda i: names[labels[i]] if labels[i] >= 0 else ""  # noqa: E731
-    table = [(q, rank + 1, ids[i], label(i), float(d)) for q, (ds, rs) in zip(found.files, zip(distances, rows)) for rank, (d, i) in enumerate(zip(ds, rs))]  # fmt: skip
+    distances, rows = searcher(found.images, args.k)
+    ids = searcher.ids
+    table = [(q, rank + 1, ids[i], searcher.label(i), float(d)) for q, (ds, rs) in zip(found.files, zip(distances, rows)) for rank, (d, i) in enumerate(zip(ds, rs))]  # fmt: skip
     for q, rank, i, name, d in table[: 10 * args.k]:
         print(f"{q}\t{rank}\t{i}\t{name}\t{d:.4f}")
     if len(table) > 10 * args.k:
@@ -200,8 +172,8 @@ def search(args: SearchArguments, data_args: DataArguments) -> None:
         writer.writerow(["query", "rank", "image_id", "label", "distance"])
         writer.writerows(table)
     shown = min(len(found.files), args.sheet_rows)
-    neighbours = source_images(meta, [ids[i] for i in rows[:shown].ravel()], tokenizer.config.in_channels)
-    titles = [[found.files[r][-14:]] + [f"{label(i)[:10]} {d:.2f}" for d, i in zip(distances[r], rows[r])] for r in range(shown)]
+    neighbours = searcher.source_images([ids[i] for i in rows[:shown].ravel()])
+    titles = [[found.files[r][-14:]] + [f"{searcher.label(i)[:10]} {d:.2f}" for d, i in zip(distances[r], rows[r])] for r in range(shown)]
     contact_sheet(found.images[:shown], neighbours.view(shown, args.k, *neighbours.shape[1:]), titles, os.path.join(tmp, "contact_sheet.png"))
     publish_dir(tmp, args.output_dir)
     print(f"{len(found.files)} queries -> {args.output_dir}/neighbours.csv and contact_sheet.png")

@@ -14,8 +14,14 @@ import os
 
 import faiss
 import numpy as np
+import torch
 
+from common.cli import UsageError, UserError
+from common.data import DataArguments, ImageTransform, load_image_data, load_tensors, read_images
 from common.files import publish_dir, staging_dir
+from tokenizer import VQVAE
+
+from .extract import CodeBag, FeatureExtractor, features, fingerprint
 
 METRICS = ("cosine", "l2")
 
@@ -79,3 +85,64 @@ class FeatureIndex:
         out.metric, out.exact = meta.pop("metric"), meta.pop("exact")
         out.meta, out.index = meta, faiss.read_index(files[0])
         return out
+
+
+class ImageSearch:
+    """Query images -> their nearest indexed images: an index folder and the tokenizer that built it.
+
+    >>> search = ImageSearch.from_folder("runs/index")
+    >>> distances, rows = search(images, k=10)       # images (Q, C, H, W) in [-1, 1] -> (Q, k) each
+    >>> search.ids[rows[0, 0]], search.label(rows[0, 0])
+    """
+
+    def __init__(self, index: FeatureIndex, tokenizer: VQVAE, where: str = "the index"):
+        meta = index.meta
+        if fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
+            raise UserError(f"{where} was built with the tokenizer {meta['tokenizer']} (weights {meta['tokenizer_fingerprint']}); "
+                            f"the tokenizer given holds other weights ({fingerprint(tokenizer)}): rebuild the index with it")  # fmt: skip
+        self.index, self.meta, self.where = index, meta, where
+        self.extractor, self.bag = FeatureExtractor(tokenizer, meta["pyramid"]), CodeBag(meta["idf"])
+        self.ids, self.labels, self.class_names = meta["ids"], meta["labels"], meta["class_names"]
+
+    @classmethod
+    def from_folder(cls, path: str, tokenizer: str | VQVAE | None = None) -> ImageSearch:
+        """An index folder (python -m features index) and its tokenizer (or ``tokenizer``, if it moved)."""
+        index = FeatureIndex.load(path)
+        tokenizer = tokenizer or index.meta["tokenizer"]
+        return cls(index, VQVAE.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer, f"index {path}")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.meta["image_size"])
+
+    def label(self, row: int) -> str:
+        """The class name of an indexed image ('' when it has none)."""
+        return self.class_names[self.labels[row]] if self.labels[row] >= 0 else ""
+
+    def source_images(self, ids: list[str]) -> torch.Tensor:
+        """The indexed images ``ids`` (N, C, H, W) in [-1, 1], read from the index's source (a folder or a dataset)."""
+        transform, source = ImageTransform(self.meta["channels"]), self.meta["source"]
+        if "folder" in source:
+            return torch.cat([read_images(os.path.join(source["folder"], i), transform).images for i in ids])
+        data = load_image_data(DataArguments(**source["dataset"]))
+        where = [(split, int(row)) for split, row in (i.split("/") for i in ids)]
+        out: list = [None] * len(ids)
+        for split in dict.fromkeys(s for s, _ in where):  # one read of each split's rows, then back in order
+            at = [j for j, (s, _) in enumerate(where) if s == split]
+            for j, image in zip(at, load_tensors(getattr(data, split).select([where[j][1] for j in at]), transform)[0]):
+                out[j] = image
+        return torch.stack(out)
+
+    def check_k(self, k: int, name: str = "k") -> None:
+        """A one-line error unless ``k`` neighbours can be found (``name``: the option or field that gave it)."""
+        if not 1 <= k <= len(self.index):
+            raise UsageError(f"{name} {k}: {self.where} holds {len(self.index)} images; expected 1 to {len(self.index)}")
+
+    def __call__(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances (Q, k), rows (Q, k)) of the ``k`` indexed images nearest to each query, nearest first."""
+        self.check_k(k)
+        if tuple(images.shape[-2:]) != self.image_size:
+            (h, w), (qh, qw) = self.image_size, images.shape[-2:]
+            raise UserError(f"query images are {qh}x{qw}; {self.where} holds features of {h}x{w} images: resize the queries to {h}x{w}")  # fmt: skip
+        queries = features(self.extractor.extract(images), self.bag)[self.meta["feature"]]
+        return self.index.search(queries, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from transformers import StaticCache
@@ -21,6 +22,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         remove = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One sample from each row of ``probs`` (B, m, K) -> (B, m): with one RNG for all rows, or one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs.flatten(0, 1), 1, generator=generator)
+    if len(generator) != len(probs):
+        raise ValueError(f"{len(generator)} generators for {len(probs)} rows; expected one per row")
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
 
 
 def cache_keyword(model) -> str:
@@ -101,7 +111,7 @@ def generate_codes(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     cache: str = "dynamic",
     forward=None,
@@ -119,6 +129,8 @@ def generate_codes(
     ``temperature = 0`` or ``top_k = 1`` is greedy decoding. ``deep_temperature`` and ``deep_top_k`` (None:
     the same as the first level's) apply to the codes of every level after the first: ``deep_temperature=0``
     samples the coarse level and takes the deep levels greedily. Only code ids (< K) can be emitted.
+    ``generator``: one RNG for the whole batch, or one per row (rows may share one: a row's draws then come
+    from it in row order), so that a row's codes do not depend on the other rows batched with it.
     ``use_cache``, ``cache`` and ``forward``: a flat prior's options (FlatSteps).
     """
     if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -146,7 +158,7 @@ def generate_codes(
             nxt = logits.argmax(-1)
         else:
             probs = filter_logits(logits / t, k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(b, -1)
+            nxt = draw(probs, generator).view(b, -1)
         codes[:, where.to(device)] = nxt
         if i + 1 < n:
             logits = steps.feed(torch.cat([nxt, nxt]) if guided else nxt)

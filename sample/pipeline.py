@@ -143,33 +143,41 @@ class ClassConditionalPipeline:
         deep_temperature: float | None = None,
         deep_top_k: int | None = None,
         seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         batch_size: int = 64,
         num_images: int | None = None,
         use_cache: bool = True,
         progress=None,
-    ) -> torch.Tensor:
+        return_codes: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1], one per label (``labels=None``: ``num_images`` unconditional).
 
         A sampling setting left None is the prior's own (``sampling_settings``); ``top_k=0`` and
         ``top_p=1`` turn those filters off; ``deep_temperature`` and ``deep_top_k`` set the levels after the first
-        of multi-level codes (``deep_temperature=0``: those levels greedily)."""
+        of multi-level codes (``deep_temperature=0``: those levels greedily). ``seed`` seeds one RNG for the
+        call; ``generator`` instead gives the RNG, or one per label (labels may share one), so that a
+        label's images do not depend on the other labels of the call (the service batches requests so).
+        ``return_codes``: also return the codes (B, T) the images were decoded from."""
         ids = self.class_ids(labels) if labels is not None else [-1] * (num_images or 1)
         sampling = generation_kwargs(self.sampling_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                                                             top_p=top_p, guidance_schedule=guidance_schedule,
                                                             deep_temperature=deep_temperature, deep_top_k=deep_top_k))  # fmt: skip
-        g = torch.Generator(device=self.device)
-        if seed is not None:
-            g.manual_seed(seed)
-        else:
-            g.seed()
-        images = []
+        g = generator
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed) if seed is not None else g.seed()
+        elif not isinstance(g, torch.Generator) and len(g) != len(ids):
+            raise ValueError(f"{len(g)} generators for {len(ids)} labels; expected one per label")
+        images, all_codes = [], []
         for start in range(0, len(ids), batch_size):
             chunk = torch.tensor(ids[start : start + batch_size], device=self.device)
-            codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, generator=g, use_cache=use_cache, **sampling)  # fmt: skip
+            rng = g if isinstance(g, torch.Generator) else g[start : start + batch_size]
+            codes = generate_codes(self.prior, self.info.layout, self.info.seq_len, chunk, generator=rng, use_cache=use_cache, **sampling)  # fmt: skip
             images.append(self.info.decode(self.tokenizer, codes))
+            all_codes.append(codes)
             if progress is not None:
                 progress.update(len(chunk))
-        return torch.cat(images)
+        return (torch.cat(images), torch.cat(all_codes)) if return_codes else torch.cat(images)
 
     @staticmethod
     def to_pil(images: torch.Tensor) -> list[Image.Image]:
