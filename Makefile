@@ -10,9 +10,9 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup data test demo bench clean
+.PHONY: setup data browser test demo bench clean
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ data:
 	@if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || [ ! -f /usr/share/unicode/emoji/emoji-test.txt ]; then \
 		echo "installing Debian packages fonts-noto-color-emoji unicode-data"; \
 		apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji unicode-data; \
+	fi
+
+# The page's browser test drives Debian's Chromium through its ChromeDriver (no browser download).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing Debian packages chromium chromium-driver"; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 test: setup

@@ -1,12 +1,14 @@
 """Load test of python -m serve on 127.0.0.1: batching on and off side by side in one run.
 
-    python -m bench.serve --prior runs/demo/prior [--clients 1,8,32,64] [--seconds 20] [--soak 300]
+    python -m bench.serve --prior runs/demo/prior [--clients 1,8,32,64] [--seconds 20] [--soak 300] [--litserve DIR]
 
 Starts the real server (a process of its own, loopback only) once with batching (the defaults) and once
 serving every request alone (--max-batch-size 1), and at each client count runs that many concurrent
 clients, each sending generation requests of one image back to back for --seconds. Prints, per server
 and client count: images/s, p50/p95/p99 latency, responses by status, and the server's peak resident
-memory (VmHWM, reset before each level). Then an overload row (a server whose queue holds fewer images
+memory (VmHWM of its processes, reset before each level). With --litserve (a folder where
+``pip install --target DIR litserve pyzmq`` put LitServe), the same pipeline also runs behind LitServe's
+own batching (``max_batch_size``, ``batch_timeout``), a third server in the table. Then an overload row (a server whose queue holds fewer images
 than there are clients: only 200s and 503s are allowed) and, with --soak, the batching server under
 32 clients for that many seconds with its resident memory sampled every 10 s. Every loop is bounded in
 requests and seconds, and every request goes to 127.0.0.1.
@@ -38,10 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(prior: str, *options: str) -> tuple[subprocess.Popen, str]:
+def start(prior: str, *options: str, litserve: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--prior", prior, "--no-page", "--port", str(port), *options],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    command = ["-m", "serve", "--prior", prior, "--no-page"] if litserve is None else ["-m", "bench.serve", "--litserve-server", "--prior", prior]
+    path = ROOT if litserve is None else f"{ROOT}:{os.path.abspath(litserve)}"
+    proc = subprocess.Popen([sys.executable, *command, "--port", str(port), *options], cwd=ROOT, env={**os.environ, "PYTHONPATH": path},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -55,15 +59,26 @@ def start(prior: str, *options: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start in 120 s")
 
 
+def tree(pid: int) -> list[int]:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+
 def memory(pid: int, field: str = "VmHWM") -> float:
-    """The process's peak (VmHWM) or current (VmRSS) resident memory in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    """The peak (VmHWM) or current (VmRSS) resident memory of a process and its children, in MiB."""
+    total = 0
+    for p in tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith(field))
+    return total / 1024
 
 
 def reset_peak(pid: int) -> None:
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (proc(5))
+    for p in tree(pid):
+        with open(f"/proc/{p}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (proc(5))
 
 
 async def load(url: str, clients: int, seconds: float, classes: int = 10) -> dict:
@@ -103,18 +118,64 @@ def level(proc, url, clients, seconds):
     return out
 
 
+try:  # only with --litserve: LitServe's process pickles the API, so its class lives at module level
+    import litserve as ls
+except ImportError:
+    ls = None
+
+if ls is not None:
+
+    class LitGeneration(ls.LitAPI):
+        """The same pipeline and response behind LitServe: decode_request -> batch -> predict -> unbatch -> encode_response."""
+
+        def __init__(self, prior: str, **kw):
+            super().__init__(**kw)
+            self.prior = prior
+
+        def setup(self, device):
+            from sample import ClassConditionalPipeline
+
+            self.pipe = ClassConditionalPipeline.from_pretrained(self.prior)
+
+        def decode_request(self, request):
+            import torch
+
+            return int(request["prompt"]), torch.Generator().manual_seed(int(request["seed"]))
+
+        def predict(self, rows):
+            return list(self.pipe([label for label, _ in rows], generator=[g for _, g in rows], batch_size=len(rows)))
+
+        def encode_response(self, image):
+            from serve.service import png_b64
+
+            return {"created": int(time.time()), "data": [{"b64_json": png_b64(image)}]}
+
+
+def litserve_server(prior: str, port: int, max_batch_size: int = 64, batch_timeout: float = 0.005) -> None:
+    api = LitGeneration(prior, max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/v1/images/generations")
+    ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(host="127.0.0.1", port=port, generate_client_file=False, log_level="warning")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--prior", default="runs/demo/prior", help="The prior folder to serve (default: make demo's).")
     p.add_argument("--clients", default="1,8,32,64", help="Comma list of concurrent client counts (default 1,8,32,64).")
     p.add_argument("--seconds", type=float, default=20, help="Seconds of load per client count (default 20).")
     p.add_argument("--soak", type=float, default=0, help="Seconds of the soak at 32 clients with batching (default 0: none).")
+    p.add_argument("--litserve", default=None, help="A folder holding LitServe (pip install --target DIR litserve pyzmq): measure it too.")
+    p.add_argument("--litserve-server", action="store_true", help=argparse.SUPPRESS)  # the LitServe process itself
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.litserve_server:
+        return litserve_server(args.prior, args.port)
     clients = [int(c) for c in args.clients.split(",")]
     print(f"machine: {machine()}")
     results = {}
-    for name, options in (("batching", ()), ("one at a time", ("--max-batch-size", "1"))):
-        proc, url = start(args.prior, *options)
+    servers = [("batching", (), None), ("one at a time", ("--max-batch-size", "1"), None)]
+    if args.litserve:
+        servers.append(("LitServe batching", (), args.litserve))
+    for name, options, litserve in servers:
+        proc, url = start(args.prior, *options, litserve=litserve)
         try:
             asyncio.run(load(url, 2, 3))  # warm-up
             for c in clients:
@@ -132,12 +193,16 @@ def main(argv=None):
         speedup = results["batching", 32]["images_per_s"] / results["one at a time", 32]["images_per_s"]
         report("serve: images/s at 32 clients, batching", results["batching", 32]["images_per_s"], "img/s",
                "one request at a time", results["one at a time", 32]["images_per_s"], speedup, "8x", speedup >= 8)  # fmt: skip
+        if args.litserve:
+            lit = results["LitServe batching", 32]["images_per_s"]
+            report("serve: images/s at 32 clients, batching", results["batching", 32]["images_per_s"], "img/s", "LitServe's batching",
+                   lit, results["batching", 32]["images_per_s"] / lit)  # fmt: skip
     if 8 in clients:
         p99 = results["batching", 8]["p99"]
         report("serve: p99 latency at 8 clients, batching", p99, "s", target="< 2 s", ok=p99 < 2)
 
     # Past the queue: a queue of 16 images under 64 clients; only 200 and 503 may come back.
-    proc, url = start(args.prior, "--max-queue", "16")
+    proc, url = start(args.prior, "--max-queue", "16", "--max-batch-size", "16")
     try:
         over = level(proc, url, 64, min(args.seconds, 10))
     finally:
