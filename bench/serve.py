@@ -236,7 +236,7 @@ def main(argv=None):
         print(f"\nsoak {args.soak:.0f} s at 32 clients: {out['images_per_s']:.1f} img/s, statuses {out['statuses']}, resident memory "
               f"{rss.min():.0f}-{rss.max():.0f} MiB; second half {late.min():.0f}-{late.max():.0f} MiB; samples {[round(x) for x in rss]}")  # fmt: skip
         report("serve: resident memory growth over the soak's second half", float(growth), "MiB", target="flat (< 5% of RSS)",
-               ok=growth < 0.05 * late.max())  # fmt: skip
+               ok=bool(growth < 0.05 * late.max()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class ServeArguments:
     batch_timeout: float = option(_LIMITS.batch_timeout, "Seconds the oldest waiting request waits for others to batch with.", domain="non-negative")  # fmt: skip
     max_queue: int = option(_LIMITS.max_queue, "Images waiting per endpoint; past it, 503 with Retry-After.", domain="positive")
     no_page: bool = option(False, "Serve the API only, without the web page.")
-    threads: int = option(0, "torch threads of the model calls; 0: torch's default.", domain="non-negative")
+    threads: int = option(0, "torch threads of the model calls; 0: all of torch's but one, which the HTTP side keeps.", domain="non-negative")  # fmt: skip
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "Device of the models.")
 
     def validate(self) -> None:
@@ -72,8 +72,9 @@ def main(argv=None):
 
     from .app import create_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The event loop (JSON, base64, PNG) runs beside the model thread; a core of its own keeps it from
+    # stalling the model's threads and the model's from stalling it (bench/serve.py measures --threads).
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     service = Service.load(args.prior, args.tokenizer, args.index, args.anomaly, args.device, args.limits())
     app = create_app(service, args.api_key, page=not args.no_page)
     print(f"vqgpt serving {', '.join(service.health()['endpoints'])} on http://{args.host}:{args.port} (page at /, API at /docs)", flush=True)

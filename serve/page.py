@@ -59,7 +59,7 @@ def build(service: Service) -> gr.Blocks:
         return _b64(image.convert("L" if channels == 1 else "RGB"))
 
     async def generate(name, guidance, seed, count):
-        out = await _call(service.generate(name, int(count), {"guidance_scale": guidance}, int(seed), False))
+        out = await _call(service.generate(name, int(count), {"guidance_scale": guidance}, int(seed or 0), False))
         return [_image(d["b64_json"]).resize((112, 112), Image.NEAREST) for d in out["data"]]
 
     async def compress(image):

@@ -138,9 +138,11 @@ class Service:
 
     # -- request fields -> tensors ---------------------------------------------------------------------------
 
-    def count(self, n: int, field: str) -> None:
+    def count(self, n: int, field: str, unit: str | None = None) -> None:
+        """A one-line 422 unless 1 <= n <= the images a request may ask for (``unit``: what ``n`` counts in ``field``)."""
         if not 1 <= n <= self.limits.max_images:
-            raise RequestError(422, f"{field} {n}: expected 1 to {self.limits.max_images}")
+            given = f"{field}: {n} {unit};" if unit else f"{field} {n}:"
+            raise RequestError(422, f"{given} expected 1 to {self.limits.max_images}")
 
     def class_id(self, prompt: str | int | None) -> int:
         """A class name or id (or None / '': unconditional) -> its id, -1 for the null class."""
@@ -149,11 +151,11 @@ class Service:
         try:
             return self.pipe.class_ids([str(prompt)])[0]
         except ValueError as e:
-            raise RequestError(422, f"prompt {prompt!r}: {e}") from None
+            raise RequestError(422, f"prompt {str(prompt)[:60]!r}: {e}") from None
 
     def images(self, values: list[str], image_channels: int | None, field: str = "images") -> torch.Tensor:
         """Base64 images -> (N, C, H, W) in [-1, 1], by the colour rule of every command (docs/data.md)."""
-        self.count(len(values), f"{field}: {len(values)} images;")
+        self.count(len(values), field, "images")
         if image_channels is not None and image_channels != self.channels:
             raise RequestError(422, f"image_channels {image_channels}: the tokenizer takes {self.channels} channel{'s' * (self.channels > 1)}")  # fmt: skip
         transform = ImageTransform(self.channels, convert=image_channels is not None, expected_by="the tokenizer",
@@ -222,13 +224,13 @@ class Service:
         self.metrics.served(((recon - x) ** 2).flatten(1).mean(1).tolist(), self.tokenizer.code_layout(*x.shape[-2:]).split(codes, levels))
 
     async def decode(self, codes: list[list[int]], grid: list[int] | None) -> dict:
-        self.count(len(codes), f"codes: {len(codes)} rows;")
+        self.count(len(codes), "codes", "rows")
         if len({len(c) for c in codes}) > 1:
             raise RequestError(422, "codes: rows of different lengths; send rows of one length per request")
         k = self.tokenizer.config.num_codes
-        t = torch.tensor(codes, dtype=torch.long)
-        if t.numel() == 0 or t.min() < 0 or t.max() >= k:
+        if not codes[0] or any(not 0 <= v < k for row in codes for v in row):
             raise RequestError(422, f"codes: expected ids in 0..{k - 1}, at least one per row")
+        t = torch.tensor(codes, dtype=torch.long)
         if grid is None and self.pipe is None:
             raise RequestError(422, "grid: required without --prior; expected the [h, w] of the code grid")
         grid = tuple(grid or self.pipe.info.grid)
@@ -271,7 +273,7 @@ class Service:
         return list(zip(files, psnr(recon, x).tolist()))
 
     async def decompress(self, data: list[str]) -> dict:
-        self.count(len(data), f"data: {len(data)} files;")
+        self.count(len(data), "data", "files")
         files = [b64_bytes(d, f"data[{i}]") for i, d in enumerate(data)]
         out = await self.batchers["decompress"].submit(None, files)
         results = []
