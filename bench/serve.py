@@ -66,6 +66,17 @@ def tree(pid: int) -> list[int]:
     return [root.pid, *(c.pid for c in root.children(recursive=True))]
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server and every process it started (LitServe's API and inference workers), then wait."""
+    import psutil
+
+    procs = [psutil.Process(p) for p in tree(proc.pid)]
+    for p in procs:
+        p.terminate()
+    psutil.wait_procs(procs, timeout=60)
+    proc.wait(60)
+
+
 def memory(pid: int, field: str = "VmHWM") -> float:
     """The peak (VmHWM) or current (VmRSS) resident memory of a process and its children, in MiB."""
     total = 0
@@ -183,8 +194,7 @@ def main(argv=None):
                 print(f"{name:14s} {c:3d} clients: {r['images_per_s']:7.1f} img/s  p50 {r['p50'] * 1000:6.0f} ms  p95 {r['p95'] * 1000:6.0f} ms  "
                       f"p99 {r['p99'] * 1000:6.0f} ms  statuses {r['statuses']}  peak {r['peak_mib']:.0f} MiB", flush=True)  # fmt: skip
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
     print("\n| server | clients | images/s | p50 (ms) | p95 (ms) | p99 (ms) | responses | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
     for (name, c), r in results.items():
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {r['p50'] * 1000:.0f} | {r['p95'] * 1000:.0f} | {r['p99'] * 1000:.0f} | "
@@ -206,8 +216,7 @@ def main(argv=None):
     try:
         over = level(proc, url, 64, min(args.seconds, 10))
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     others = {k: v for k, v in over["statuses"].items() if k not in (200, 503)}
     print(f"\noverload (queue 16 images, 64 clients): {over['images_per_s']:.1f} img/s, statuses {over['statuses']}")
     report("serve: responses past the queue other than 200/503", sum(others.values()), "responses", target="0", ok=not others)
@@ -228,8 +237,7 @@ def main(argv=None):
 
             out = asyncio.run(soak())
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
         t, rss = np.array(samples).T
         late = rss[t >= t.max() / 2]
         growth = late.max() - late.min()

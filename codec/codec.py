@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from prior import PriorInfo, load_prior, prior_steps
-from prior.model import architecture
+from prior import PriorInfo, architecture, load_prior, prior_steps
 from tokenizer import VQVAE
 
 PRECISION = 16  # integer tables sum to 2**16

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import StaticCache
 
+from .info import PriorInfo
 from .layout import TokenLayout
 
 
@@ -93,8 +94,6 @@ def prior_steps(model, seq_len: int, **flat):
     ``flat``: FlatSteps' options."""
     if hasattr(model, "steps"):
         return model.steps()
-    from .model import PriorInfo  # (model imports this module)
-
     layout = PriorInfo.from_config(model.config).code_layout
     levels = [i for i, (h, w) in enumerate(layout.grids) for _ in range(h * w)][:seq_len]
     return FlatSteps(model, levels + [levels[-1]] * (seq_len - len(levels)), **flat)

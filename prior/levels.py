@@ -22,7 +22,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
 from .generate import cache_keyword
-from .model import PriorInfo, _swiglu_width
+from .info import PriorInfo
+from .model import _swiglu_width
 
 
 class LevelPriorConfig(PretrainedConfig):

@@ -38,7 +38,7 @@ class ServeArguments:
     max_body_bytes: int = option(_LIMITS.max_body_bytes, "Largest request body read.", domain="positive")
     max_pixels: int = option(_LIMITS.max_pixels, "Largest uploaded image, in pixels, read from its header before decoding.", domain="positive")  # fmt: skip
     max_batch_size: int = option(_LIMITS.max_batch_size, "Images per model call; 1 serves every request alone.", domain="positive")
-    batch_timeout: float = option(_LIMITS.batch_timeout, "Seconds the oldest waiting request waits for others to batch with.", domain="non-negative")  # fmt: skip
+    batch_timeout: float = option(_LIMITS.batch_timeout, "At most this many seconds the oldest waiting request waits for others to batch with, while they keep coming (each within a tenth of it).", domain="non-negative")  # fmt: skip
     max_queue: int = option(_LIMITS.max_queue, "Images waiting per endpoint; past it, 503 with Retry-After.", domain="positive")
     no_page: bool = option(False, "Serve the API only, without the web page.")
     threads: int = option(0, "torch threads of the model calls; 0: all of torch's but one, which the HTTP side keeps.", domain="non-negative")  # fmt: skip

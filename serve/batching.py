@@ -2,7 +2,8 @@
 
 The vocabulary is LitServe's (``max_batch_size``, ``batch_timeout``): a request brings rows (one per image),
 and rows of the same ``key`` (the sampling settings of a generation, the levels of an encode) that are
-waiting when the model is free, or that arrive within ``batch_timeout`` of the oldest, run as one call of
+waiting when the model is free, or that keep arriving after the oldest (each within a tenth of
+``batch_timeout`` of the one before, for at most ``batch_timeout``), run as one call of
 ``predict(key, rows) -> outputs`` (one output per row). Calls run one at a time on the service's model
 thread, so the event loop keeps accepting requests while the model works, and requests pile up into the
 next batch exactly when the model is busy. A request is never split; one larger than ``max_batch_size``
@@ -35,7 +36,7 @@ class Batcher:
     """One queue and its worker: ``await batcher.submit(key, rows)`` -> the outputs of those rows."""
 
     def __init__(self, name: str, predict: Callable[[Hashable, list], list], executor: concurrent.futures.Executor,
-                 max_batch_size: int = 64, batch_timeout: float = 0.005, max_queue: int = 512, on_batch=None):  # fmt: skip
+                 max_batch_size: int = 64, batch_timeout: float = 0.05, max_queue: int = 512, on_batch=None):  # fmt: skip
         self.name, self.predict, self.executor = name, predict, executor
         self.max_batch_size, self.batch_timeout, self.max_queue = max_batch_size, batch_timeout, max_queue
         self.on_batch = on_batch  # called with (name, rows in the batch, rows still queued) after each call
@@ -92,12 +93,15 @@ class Batcher:
             while not any(not r.future.done() for r in self.pending):
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A short wait for more rows of the oldest request's key, unless a full batch is already there.
+            # Wait for more rows of the oldest request's key while they keep coming (each within a tenth of
+            # batch_timeout of the last), at most batch_timeout, unless a full batch is already there: clients
+            # whose answers came back together send again within a few milliseconds of each other, and a lone
+            # client waits only the gap.
             key, deadline = next(r.key for r in self.pending if not r.future.done()), loop.time() + self.batch_timeout
             while self._waiting(key) < self.max_batch_size and (left := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), left)
+                    await asyncio.wait_for(self._wakeup.wait(), min(left, self.batch_timeout / 10))
                 except asyncio.TimeoutError:
                     break
             key, requests = self._take()

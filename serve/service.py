@@ -49,7 +49,7 @@ class Limits:
     max_body_bytes: int = 8 << 20  # a request body
     max_pixels: int = 1 << 22  # per uploaded image, read from its header before it is decoded
     max_batch_size: int = 64  # images per model call; 1: every request alone
-    batch_timeout: float = 0.005  # seconds the oldest request waits for others of its kind
+    batch_timeout: float = 0.05  # at most this long, the oldest request waits for others of its kind while they keep coming
     max_queue: int = 512  # images waiting per endpoint; past it, 503
 
 

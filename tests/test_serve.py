@@ -92,7 +92,7 @@ def test_generation_is_the_pipelines(client, service):
 def test_concurrent_requests_coalesce_and_each_gets_its_own_images(chain):
     """Requests of other classes, seeds and sizes arriving together run as one model call, and each gets the
     images it gets alone."""
-    service = Service.load(str(chain["prior"]), limits=Limits(batch_timeout=0.5))
+    service = Service.load(str(chain["prior"]), limits=Limits(batch_timeout=2.0))
     requests = [{"prompt": "Bag", "n": 3, "seed": 5}, {"prompt": "Sneaker", "n": 2, "seed": 1}, {"prompt": 0, "n": 4, "seed": 2},
                 {"prompt": "Bag", "n": 1, "seed": 9}]  # fmt: skip
     with TestClient(create_app(service, page=False)) as c:
@@ -354,16 +354,18 @@ def test_real_server_openai_client_httpx_and_sigterm_drain(chain, images):
             proc.kill()
 
 
-def test_page_in_a_real_browser(chain, tmp_path):
+def test_page_in_a_real_browser(chain, folders, images, tmp_path):
     """Headless Chromium (Debian's chromium and chromium-driver, make setup installs them) opens the page,
-    picks a class, presses Generate and sees the images; nothing is fetched from outside the server."""
+    picks a class, presses Generate and sees the images; nothing is fetched from outside the server. The
+    other tabs' functions answer through Gradio's own client."""
+    from gradio_client import Client, handle_file
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as Driver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    proc, url = start_server("--prior", str(chain["prior"]))
+    proc, url = start_server("--prior", str(chain["prior"]), "--index", str(folders["index"]), "--anomaly", str(folders["scores"]))
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -388,6 +390,15 @@ def test_page_in_a_real_browser(chain, tmp_path):
             browser.save_screenshot(os.environ["VQGPT_PAGE_SCREENSHOT"])
         hosts = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
         assert set(hosts) <= {url.removeprefix("http://")}, set(hosts)
+        upload = tmp_path / "upload.png"
+        to_pil(images[:1])[0].save(upload)
+        page = Client(url + "/", verbose=False)
+        decoded, sizes = page.predict(handle_file(str(upload)), api_name="/compress")
+        assert [row[0] for row in sizes["data"]] == ["vqgpt codec", "PNG (lossless)", "WebP (lossless)"] and Image.open(decoded).size == (112, 112)
+        shown, table = page.predict(handle_file(str(upload)), 3, api_name="/search")
+        assert len(shown) == 3 and [row[0] for row in table["data"]][0].startswith("train/")
+        verdict, scores = page.predict(handle_file(str(upload)), api_name="/anomaly")
+        assert ("anomalous" in verdict or "normal" in verdict) and [row[0] for row in scores["data"]] == ["nll", "reconstruction", "combined", "knn"]
     finally:
         browser.quit()
         proc.terminate()

@@ -20,7 +20,7 @@ from common.data import DataArguments, TrainingDataArguments
 from common.images import image_grid
 from evaluation import Classifier, ClassifierSpace, Evaluator
 from prior import GUIDANCE_SCHEDULES, PriorInfo, bits, build_prior, generate_codes, prior_loss
-from prior.model import ARCHITECTURES, PRESETS, architecture
+from prior import ARCHITECTURES, PRESETS, architecture
 from sample.pipeline import DEFAULT_SAMPLING, describe_sampling, generation_kwargs
 from tokenizer import VQVAE
 from train.encode import encode_dataset, load_codes
