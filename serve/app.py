@@ -15,6 +15,7 @@ from typing import Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -110,7 +111,7 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             cap = self.service.limits.max_body_bytes
-            if self.api_key and (endpoint and path not in OPEN or path in ("/docs", "/openapi.json")):
+            if self.api_key and (endpoint and path not in OPEN or path in ("/docs", "/redoc", "/openapi.json")):
                 given = headers.get(b"authorization", b"").decode("latin-1")
                 if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                     return await error(401, "Authorization: expected 'Bearer <key>' with this server's key",
@@ -143,7 +144,8 @@ def create_app(service: Service, api_key: str | None = None, page: bool = True) 
         yield
         await service.stop()
 
-    app = FastAPI(title="vqgpt", summary="Generate, encode, decode, compress, score and search images with a vqgpt tokenizer and prior.",
+    # The schema's pages (/docs, /redoc) with Swagger UI's and ReDoc's files served from here, not from a CDN.
+    app = FastAPIOffline(title="vqgpt", summary="Generate, encode, decode, compress, score and search images with a vqgpt tokenizer and prior.",
                   lifespan=lifespan)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)

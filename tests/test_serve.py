@@ -184,6 +184,7 @@ def test_endpoints_without_their_model_and_the_key(chain, images):
             r = c.post("/v1/encode", json={"images": [b64png(images[0])]}, headers=headers)
             assert r.status_code == 401 and "Bearer" in r.json()["error"]
         assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers=key).status_code == 200
+        assert c.get("/openapi.json").status_code == 401 and "/v1/encode" in c.get("/openapi.json", headers=key).json()["paths"]
         for path, option in (("/v1/images/generations", "--prior"), ("/v1/anomaly", "--anomaly"), ("/v1/search", "--index")):
             body = {"prompt": "Bag"} if "generations" in path else {"images": [b64png(images[0])]}
             r = c.post(path, json=body, headers=key)
@@ -388,6 +389,10 @@ def test_page_in_a_real_browser(chain, folders, images, tmp_path):
         browser.save_screenshot(str(tmp_path / "page.png"))
         if os.environ.get("VQGPT_PAGE_SCREENSHOT"):
             browser.save_screenshot(os.environ["VQGPT_PAGE_SCREENSHOT"])
+        hosts = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
+        assert set(hosts) <= {url.removeprefix("http://")}, set(hosts)
+        browser.get(url + "/docs")  # the API's schema page, its Swagger UI files served by the server itself
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 9)
         hosts = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
         assert set(hosts) <= {url.removeprefix("http://")}, set(hosts)
         upload = tmp_path / "upload.png"
