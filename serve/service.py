@@ -54,7 +54,7 @@ class Limits:
 
 
 # Which start-up option makes each endpoint available, for the 404 of an endpoint without its model.
-NEEDS = {"generate": "--prior", "compress": "--prior or --tokenizer", "anomaly": "--anomaly (a python -m anomaly output folder)",
+NEEDS = {"generate": "--prior", "anomaly": "--anomaly (a python -m anomaly output folder)",
          "search": "--index (a python -m features index folder)"}  # fmt: skip
 
 
@@ -218,9 +218,11 @@ class Service:
         self._observe(x, codes, d)
         return list(codes)
 
-    def _observe(self, x: torch.Tensor, codes: torch.Tensor, levels: int) -> None:
-        """The dashboard's figures of images served: their reconstruction error and the codes they use."""
-        recon = self.tokenizer.decode(codes, levels=levels, grid=self.tokenizer.code_grid(*x.shape[-2:]))
+    def _observe(self, x: torch.Tensor, codes: torch.Tensor, levels: int, recon: torch.Tensor | None = None) -> None:
+        """The dashboard's figures of images served: their reconstruction error (``recon``: the reconstructions,
+        if the caller has them already) and the codes they use."""
+        if recon is None:
+            recon = self.tokenizer.decode(codes, levels=levels, grid=self.tokenizer.code_grid(*x.shape[-2:]))
         self.metrics.served(((recon - x) ** 2).flatten(1).mean(1).tolist(), self.tokenizer.code_layout(*x.shape[-2:]).split(codes, levels))
 
     async def decode(self, codes: list[list[int]], grid: list[int] | None) -> dict:
@@ -249,7 +251,6 @@ class Service:
         return list(self.tokenizer.decode(torch.stack(rows), levels=levels, grid=grid))
 
     async def compress(self, images: list[str], labels: list | None, image_channels: int | None) -> dict:
-        self.require("compress")
         x = self.images(images, image_channels)
         labels = [None] * len(x) if labels is None else labels
         if len(labels) != len(x):
@@ -269,7 +270,7 @@ class Service:
         grid = self.codec.grid(tuple(x.shape[-2:]))
         files = [self.codec.compress_codes(c.numpy(), label, grid) for c, (_, label) in zip(codes, rows)]
         recon = self.codec.decode_codes(codes.numpy(), grid)
-        self._observe(x, codes, self.codec.coded_levels)
+        self._observe(x, codes, self.codec.coded_levels, recon)
         return list(zip(files, psnr(recon, x).tolist()))
 
     async def decompress(self, data: list[str]) -> dict:
