@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
+from tqdm.auto import tqdm
+
+from common.cli import UsageError, announce_memory, option, parse_args, run_main
+from common.data import DataArguments, ImageTransform, class_ids, image_batches, load_image_data, model_transform, read_images
 from common.files import publish_dir, staging_dir
 
 from .scores import AnomalyScorer, auroc, reference_images, threshold_at_fpr
@@ -40,7 +43,7 @@ class AnomalyArguments:
     sigma2: float | None = option(None, "Variance of the pixel model in 'combined'; default the tokenizer's test MSE.", domain="positive")  # fmt: skip
     reference: str | None = option(None, "Normal images for the knn score: a folder, or 'train' (the training images of --normal-classes in --dataset).")  # fmt: skip
     knn_k: int = option(5, "Nearest reference images averaged by the knn score.", domain="positive")
-    output_dir: str = option("anomaly-scores", "Written whole at the end.")
+    output_dir: str = option("anomaly-scores", "Appears when complete (written in a staging folder beside it).")
 
     def validate(self) -> None:
         if not self.prior:
@@ -55,16 +58,16 @@ class AnomalyArguments:
             raise UsageError(f"--reference {self.reference!r}: expected a folder of normal images or 'train'")
 
 
-def _load(args: AnomalyArguments, data_args: DataArguments, transform: ImageTransform):
-    """(images, labels as class ids, class names, ids, the loaded dataset or None for --input)."""
+def _load(args: AnomalyArguments, data_args: DataArguments, transform: ImageTransform, batch_size: int = 500):
+    """(batches of (images, labels as class ids), class names, ids, the loaded dataset or None for --input),
+    read one batch at a time."""
     if args.input is not None:
         found = read_images(args.input, transform)
         names = sorted({n for n in found.labels if n is not None})
-        return found.images, found.class_ids(names), names, found.files, None
+        return zip(found.batches(batch_size), found.class_ids(names).split(batch_size)), names, found.files, None
     data = load_image_data(data_args)
     ds = data.test if args.split == "test" else data.train
-    images, labels = load_tensors(ds, transform)
-    return images, labels, data.class_names, [f"{args.split}/{i}" for i in range(len(images))], data
+    return image_batches(ds, transform, batch_size), data.class_names, [f"{args.split}/{i}" for i in range(len(ds))], data
 
 
 def histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray | None, path: str) -> None:
@@ -94,29 +97,34 @@ def main(argv=None):
     args, data_args = parse_args((AnomalyArguments, DataArguments), argv)
     scorer = AnomalyScorer.from_pretrained(args.prior, args.tokenizer, args.sigma2)
     transform = model_transform(data_args, scorer.tokenizer.config.in_channels, "the tokenizer")
-    images, labels, names, ids, data = _load(args, data_args, transform)
+    batches, names, ids, data = _load(args, data_args, transform)
     prior_names = scorer.info.class_names
-    if args.condition == "null":
-        conditions = None
-    elif args.condition == "label":
-        if names != prior_names:
-            raise UsageError(f"--condition label: the data's classes {names} are not the prior's {prior_names}")
-        conditions = labels
-    elif args.condition in prior_names:
-        conditions = torch.full((len(images),), prior_names.index(args.condition))
-    else:
+    if args.condition not in ("null", "label", *prior_names):
         raise UsageError(f"--condition {args.condition!r}: expected null, label or one of {prior_names}")
+    if args.condition == "label" and names != prior_names:
+        raise UsageError(f"--condition label: the data's classes {names} are not the prior's {prior_names}")
+    normal = class_ids(args.normal_classes, names, "--normal-classes") if args.normal_classes else None
     if args.reference:
-        reference = reference_images(args.reference, args.normal_classes, data_args, transform, data)
-        scorer.fit(reference, k=args.knn_k)
-    scores = scorer.score(images, conditions)
+        reference, count = reference_images(args.reference, args.normal_classes, data_args, transform, data)
+        first = next(reference)  # the latents of every reference image are kept: their size, before they are computed
+        h, w = scorer.tokenizer.code_grid(*first.shape[-2:])
+        announce_memory(f"the knn reference of {count} images", 4 * count * scorer.tokenizer.config.code_dim * h * w)
+        scorer.fit(itertools.chain([first], reference), k=args.knn_k)
+    parts, labels = [], []
+    for x, y in tqdm(batches, total=-(-len(ids) // 500), desc="score", unit="batch"):
+        if args.condition in ("null", "label"):
+            conditions = None if args.condition == "null" else y
+        else:
+            conditions = torch.full((len(x),), prior_names.index(args.condition))
+        parts.append(scorer.score(x, conditions))
+        labels.append(y)
+    scores, labels = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, torch.cat(labels)
     anomalous = None
-    summary: dict = {"images": len(images), "prior": args.prior, "condition": args.condition, "sigma2": scorer.sigma2}
+    summary: dict = {"images": len(labels), "prior": args.prior, "condition": args.condition, "sigma2": scorer.sigma2}
     if args.reference:
-        summary.update(reference=args.reference, reference_images=len(reference), knn_k=args.knn_k,
+        summary.update(reference=args.reference, reference_images=count, knn_k=args.knn_k,
                        data=dataclasses.asdict(data_args))  # fmt: skip
-    if args.normal_classes:
-        normal = class_ids(args.normal_classes, names, "--normal-classes")
+    if normal is not None:
         anomalous = ~np.isin(labels.numpy(), sorted(normal))
         summary["normal_classes"] = [names[i] for i in sorted(normal)]
         for k in scores:
@@ -126,14 +134,14 @@ def main(argv=None):
     with open(os.path.join(tmp, "scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "label", *scores])
-        for i in range(len(images)):
+        for i in range(len(labels)):
             label = names[int(labels[i])] if names and labels[i] >= 0 else ""
             writer.writerow([ids[i], label, *(f"{v[i]:.6g}" for v in scores.values())])
     with open(os.path.join(tmp, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     histograms(scores, anomalous, os.path.join(tmp, "histogram.png"))
     publish_dir(tmp, args.output_dir)
-    print(f"scored {len(images)} images -> {args.output_dir}/scores.csv, summary.json, histogram.png")
+    print(f"scored {len(labels)} images -> {args.output_dir}/scores.csv, summary.json, histogram.png")
     if anomalous is not None:
         for k in scores:
             s = summary[k]

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 
 from common.cli import UserError
-from common.data import DataArguments, ImageData, ImageTransform, class_ids, load_image_data, load_tensors, model_transform, read_images
+from common.data import DataArguments, ImageData, ImageTransform, class_ids, image_batches, load_image_data, model_transform, read_images
 from prior import bits, load_prior, prior_loss
 from tokenizer import VQVAE
 
@@ -67,12 +67,14 @@ class AnomalyScorer:
         return self.tokenizer.encoder(x.to(self.device))
 
     @torch.inference_mode()
-    def fit(self, normal_images: torch.Tensor, k: int = 5, batch_size: int = 500) -> AnomalyScorer:
-        """Keep the encoder latents of ``normal_images`` (N, C, H, W) as the reference of the ``knn`` score."""
-        if not 1 <= k <= len(normal_images):
-            raise UserError(f"knn: k={k} needs between 1 and the {len(normal_images)} reference images")
-        chunks = [self._latents(normal_images[i : i + batch_size]).flatten(1) for i in range(0, len(normal_images), batch_size)]  # fmt: skip
-        self.reference, self.k = knn_index(torch.cat(chunks)), k
+    def fit(self, normal_images, k: int = 5, batch_size: int = 500) -> AnomalyScorer:
+        """Keep the encoder latents of ``normal_images`` as the reference of the ``knn`` score: a tensor
+        (N, C, H, W), or batches of one (read one at a time; only the latents are kept)."""
+        batches = normal_images.split(batch_size) if isinstance(normal_images, torch.Tensor) else normal_images
+        latents = torch.cat([self._latents(x).flatten(1).cpu() for x in batches])
+        if not 1 <= k <= len(latents):
+            raise UserError(f"knn: k={k} needs between 1 and the {len(latents)} reference images")
+        self.reference, self.k = knn_index(latents), k
         return self
 
     @torch.inference_mode()
@@ -102,14 +104,17 @@ class AnomalyScorer:
 
 
 def reference_images(reference: str, normal_classes: str | None, data_args: DataArguments, transform: ImageTransform,
-                     data: ImageData | None = None) -> torch.Tensor:  # fmt: skip
-    """The normal images of the knn score: a folder, or with ``reference='train'`` the training images of
-    ``normal_classes`` in ``data_args``' dataset (``data``: that dataset, if loaded already; only those are decoded)."""
+                     data: ImageData | None = None):  # fmt: skip
+    """(batches of the normal images of the knn score, how many there are): a folder, or with
+    ``reference='train'`` the training images of ``normal_classes`` in ``data_args``' dataset (``data``:
+    that dataset, if loaded already; only those are decoded)."""
     if reference != "train":
-        return read_images(reference, transform).images
+        found = read_images(reference, transform)
+        return found.batches(), len(found)
     data = data or load_image_data(data_args)
     keep = class_ids(normal_classes, data.class_names, "--normal-classes")
-    return load_tensors(data.train.filter(lambda label: label in keep, input_columns="label"), transform)[0]
+    normal = data.train.filter(lambda label: label in keep, input_columns="label")
+    return (x for x, _ in image_batches(normal, transform)), len(normal)
 
 
 class AnomalyDetector:
@@ -151,8 +156,8 @@ class AnomalyDetector:
                 raise UserError(f"{path} records no dataset for its knn reference: score it again with this vqgpt")
             data_args = DataArguments(**summary["data"])
             transform = model_transform(data_args, scorer.tokenizer.config.in_channels, "the tokenizer")
-            scorer.fit(reference_images(summary["reference"], ",".join(summary["normal_classes"]), data_args, transform),
-                       k=summary["knn_k"])  # fmt: skip
+            batches, _ = reference_images(summary["reference"], ",".join(summary["normal_classes"]), data_args, transform)
+            scorer.fit(batches, k=summary["knn_k"])
         return cls(scorer, summary, path)
 
     def __call__(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

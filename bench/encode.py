@@ -34,7 +34,8 @@ def main():
 
     t = time.perf_counter()
     for name, ds in (("train", data.train), ("test", data.test)):
-        codes, _ = encode_split(model, ds, transform, BATCH, accelerator, desc=f"encode {name}")
+        for _ in encode_split(model, ds, transform, BATCH, accelerator, desc=f"encode {name}"):
+            pass
     ours = time.perf_counter() - t
 
     batches = [b["pixel_values"] for split in (data.train, data.test) for b in image_loader(split, transform, BATCH, shuffle=False)]  # fmt: skip

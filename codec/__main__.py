@@ -15,6 +15,7 @@ levels (the rate: every prefix decodes, coarser); decompress reads the levels fr
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from common.cli import UsageError, option, parse_args, run_main
-from common.data import DataArguments, load_image_data, load_tensors, model_transform, read_images
-from common.files import atomic_write_bytes, publish_dir, staging_dir
+from common.data import DataArguments, image_batches, load_image_data, model_transform, read_images
+from common.files import atomic_file, atomic_write_bytes, staged
 from common.images import to_pil
 
-from .codec import Codec
+from .codec import ArchiveWriter, Codec
 
 ARCHIVE_SUFFIX, FILE_SUFFIX = ".vqga", ".vqg"
 
@@ -78,7 +79,8 @@ COMMANDS = {"compress": (CompressArguments, DataArguments), "decompress": (Decom
 
 
 def _inputs(args: CompressArguments, data_args: DataArguments, codec: Codec):
-    """(images (N, C, H, W), labels, names) from --input or --dataset."""
+    """(batches of (images, labels, names or None), number of images, names given?) from --input or --dataset,
+    read one batch at a time."""
     transform = model_transform(data_args, codec.tokenizer.config.in_channels, "the tokenizer")
     names_known = codec.info.class_names if codec.info else []
     if args.class_name is not None and args.class_name not in names_known:
@@ -86,78 +88,91 @@ def _inputs(args: CompressArguments, data_args: DataArguments, codec: Codec):
     if args.input is None:  # a dataset split
         data = load_image_data(data_args)
         ds = data.test if args.split == "test" else data.train
-        images, labels = load_tensors(ds, transform, args.batch_size)
-        return images, (labels.tolist() if data.class_names == names_known else [-1] * len(images)), None
-    found = read_images(args.input, transform, args.batch_size)
-    ids = [names_known.index(args.class_name)] * len(found.files) if args.class_name else found.class_ids(names_known).tolist()
-    return found.images, ids, found.files
+        same = data.class_names == names_known
+        batches = ((x, y.tolist() if same else [-1] * len(x), None) for x, y in image_batches(ds, transform, args.batch_size))
+        return batches, len(ds), False
+    found = read_images(args.input, transform)
+    ids = [names_known.index(args.class_name)] * len(found) if args.class_name else found.class_ids(names_known).tolist()
+    n = args.batch_size
+    batches = ((x, ids[i * n : (i + 1) * n], found.files[i * n : (i + 1) * n]) for i, x in enumerate(found.batches(n)))
+    return batches, len(found), True
 
 
 def compress(args: CompressArguments, data_args: DataArguments, codec: Codec) -> None:
-    images, labels, names = _inputs(args, data_args, codec)
-    grid = codec.grid(tuple(images.shape[-2:]))
-    codes = np.concatenate([codec.encode_images(chunk) for chunk in images.split(args.batch_size)])
-    raw = images.numel()  # one byte per pixel value
-    if args.output.endswith(FILE_SUFFIX):  # one image -> one file
-        if len(codes) != 1:
-            raise UsageError(f"--output {args.output}: one {FILE_SUFFIX} file holds one image, the input has {len(codes)}; "
-                             f"name a folder or an {ARCHIVE_SUFFIX} archive")  # fmt: skip
-        data = codec.compress_codes(codes[0], labels[0], grid)
-        atomic_write_bytes(args.output, data)
-        size = len(data)
-    elif args.output.endswith(ARCHIVE_SUFFIX):
-        with tqdm(total=len(codes), desc="compress", unit="img") as bar:
-            data = codec.compress_archive(codes, labels, grid, names, group=args.group, progress=bar)
-        atomic_write_bytes(args.output, data)
-        size = len(data)
-    else:
-        if names is None:
-            names = [f"{i:06d}.png" for i in range(len(codes))]
-        tmp, size = staging_dir(args.output), 0
-        for c, label, name in tqdm(list(zip(codes, labels, names)), desc="compress", unit="img"):
-            data = codec.compress_codes(c, label, grid)
-            path = os.path.join(tmp, os.path.splitext(name)[0] + FILE_SUFFIX)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-            size += len(data)
-        publish_dir(tmp, args.output)
-    print(f"{len(codes)} images -> {args.output}: {size / len(codes):.1f} bytes per image, "
-          f"{8 * size / (images[0].numel() * len(codes)):.3f} bits per pixel, {raw / size:.1f}x smaller than raw 8-bit pixels")  # fmt: skip
+    batches, count, named = _inputs(args, data_args, codec)
+    if args.output.endswith(FILE_SUFFIX) and count != 1:
+        raise UsageError(f"--output {args.output}: one {FILE_SUFFIX} file holds one image, the input has {count}; "
+                         f"name a folder or an {ARCHIVE_SUFFIX} archive")  # fmt: skip
+    first = next(batches)
+    grid, pixels = codec.grid(tuple(first[0].shape[-2:])), first[0][0].numel()
+    coded = ((codec.encode_images(x), labels, names) for x, labels, names in itertools.chain([first], batches))
+    size = 0
+    with tqdm(total=count, desc="compress", unit="img") as bar:
+        if args.output.endswith(FILE_SUFFIX):  # one image -> one file
+            codes, labels, _ = next(coded)
+            data = codec.compress_codes(codes[0], labels[0], grid)
+            atomic_write_bytes(args.output, data)
+            size = len(data)
+        elif args.output.endswith(ARCHIVE_SUFFIX):
+            with atomic_file(args.output) as f, ArchiveWriter(codec, f, count, grid, named, args.group, bar) as writer:
+                for codes, labels, names in coded:
+                    writer.add(codes, labels, names)
+                size = f.tell()
+        else:
+            with staged(args.output) as tmp:
+                for codes, labels, names in coded:
+                    for i, (c, label) in enumerate(zip(codes, labels)):
+                        name = names[i] if names else f"{bar.n:06d}.png"
+                        data = codec.compress_codes(c, label, grid)
+                        path = os.path.join(tmp, os.path.splitext(name)[0] + FILE_SUFFIX)
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        with open(path, "wb") as f:
+                            f.write(data)
+                        size += len(data)
+                        bar.update()
+    print(f"{count} images -> {args.output}: {size / count:.1f} bytes per image, {8 * size / (pixels * count):.3f} bits per pixel, "
+          f"{pixels * count / size:.1f}x smaller than raw 8-bit pixels")  # fmt: skip
 
 
-def decompress(args: DecompressArguments, codec: Codec) -> None:
+def _write_images(folder: str, names: list[str], images: torch.Tensor) -> None:
+    for name, image in zip(names, to_pil(images)):
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image.save(path)
+
+
+def decompress(args: DecompressArguments, codec: Codec, batch_size: int = 256) -> None:
     if os.path.isdir(args.input):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.input) for f in fs if f.endswith(FILE_SUFFIX))
         if not files:
             raise UsageError(f"--input {args.input}: no {FILE_SUFFIX} files in this folder")
-        entries = []
-        for f in tqdm(files, desc="decompress", unit="img"):
-            codes, _, grid = codec.decompress_codes(open(f, "rb").read(), what=f)
-            entries.append((os.path.relpath(f, args.input)[: -len(FILE_SUFFIX)] + ".png", codes, grid))
-    else:
-        data = open(args.input, "rb").read()
-        if data[:3] == b"VQA":
-            with tqdm(desc="decompress", unit="img") as bar:
-                codes, _, names, grid = codec.decompress_archive(data, what=args.input, progress=bar)
-            names = [os.path.splitext(n)[0] + ".png" for n in names] if names else [f"{i:06d}.png" for i in range(len(codes))]
-            entries = [(n, c, grid) for n, c in zip(names, codes)]
-        else:
-            codes, _, grid = codec.decompress_codes(data, what=args.input)
-            entries = [(None, codes, grid)]
-    if len(entries) == 1 and entries[0][0] is None:  # one file -> one image
-        png = io.BytesIO()
-        to_pil(codec.decode_codes(entries[0][1][None], entries[0][2]))[0].save(png, format="PNG")
-        atomic_write_bytes(args.output, png.getvalue())
-        print(f"decoded {args.input} -> {args.output}")
+        with staged(args.output) as tmp:
+            for start in tqdm(range(0, len(files), batch_size), desc="decompress", unit="batch"):
+                decoded = [codec.decompress_codes(open(f, "rb").read(), what=f) for f in files[start : start + batch_size]]
+                for grid in dict.fromkeys(d[2] for d in decoded):  # one decoder call per image size
+                    at = [i for i, d in enumerate(decoded) if d[2] == grid]
+                    names = [os.path.relpath(files[start + i], args.input)[: -len(FILE_SUFFIX)] + ".png" for i in at]
+                    _write_images(tmp, names, codec.decode_codes(np.stack([decoded[i][0] for i in at]), grid))
+        print(f"decoded {len(files)} images -> {args.output}")
         return
-    tmp = staging_dir(args.output)
-    for name, codes, grid in entries:
-        path = os.path.join(tmp, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        to_pil(codec.decode_codes(codes[None], grid))[0].save(path)
-    publish_dir(tmp, args.output)
-    print(f"decoded {len(entries)} images -> {args.output}")
+    with open(args.input, "rb") as f:
+        if f.read(3) != b"VQA":  # one file -> one image
+            f.seek(0)
+            codes, _, grid = codec.decompress_codes(f.read(), what=args.input)
+            png = io.BytesIO()
+            to_pil(codec.decode_codes(codes[None], grid))[0].save(png, format="PNG")
+            atomic_write_bytes(args.output, png.getvalue())
+            print(f"decoded {args.input} -> {args.output}")
+            return
+        f.seek(0)
+        with tqdm(desc="decompress", unit="img") as bar, staged(args.output) as tmp:
+            grid, count, _, groups = codec.read_archive(f, what=args.input, progress=bar)
+            bar.total, done = count, 0
+            for codes, _, names in groups:
+                names = [os.path.splitext(n)[0] + ".png" for n in names] if names else [f"{i:06d}.png" for i in range(done, done + len(codes))]
+                _write_images(tmp, names, codec.decode_codes(codes, grid))
+                done += len(codes)
+    print(f"decoded {count} images -> {args.output}")
 
 
 def main(argv=None):

@@ -26,9 +26,11 @@ from __future__ import annotations
 import binascii
 import copy
 import hashlib
+import io
 import math
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import constriction
 import numpy as np
@@ -96,14 +98,22 @@ def _varint(n: int) -> bytes:
 
 
 class _Reader:
-    def __init__(self, data: bytes, what: str):
-        self.data, self.pos, self.what = data, 0, what
+    """Reads a file object (or bytes) piece by piece, with one-line errors for a short file."""
+
+    def __init__(self, data: bytes | BinaryIO, what: str):
+        self.file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self.pos, self.what = 0, what
 
     def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise CodecError(f"{self.what} is truncated: {len(self.data)} bytes, more expected")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
+        out = self.file.read(n)
+        self.pos += len(out)
+        if len(out) < n:
+            raise CodecError(f"{self.what} is truncated: {self.pos} bytes, more expected")
+        return out
+
+    def rest(self) -> bytes:
+        out = self.file.read()
+        self.pos += len(out)
         return out
 
     def varint(self) -> int:
@@ -318,7 +328,7 @@ class Codec:
         magic, version, flags, ident, h, w, cond, crc = FILE_HEADER.unpack(r.take(FILE_HEADER.size))
         t_len = self._check(magic == MAGIC_FILE, version, flags, ident, (h, w), what)
         label = -1 if cond == NULL else cond
-        codes = self._decode_group(data[r.pos :], [label], t_len, what)[0]
+        codes = self._decode_group(r.rest(), [label], t_len, what)[0]
         if _crc(codes) != crc:
             raise CodecError(f"{what} did not decode to the codes it was made from (CRC mismatch): damaged, or a table differed")
         return codes, label, (h, w)
@@ -330,45 +340,102 @@ class Codec:
 
     def compress_archive(self, codes: np.ndarray, labels: list[int], grid: tuple[int, int], names: list[str] | None = None,
                          group: int = 256, progress=None) -> bytes:  # fmt: skip
-        """Many images' codes (N, T) -> one archive. Images are coded in groups of ``group``, each group
-        one stream decoded as one batch: per image only its condition and CRC (4 bytes) are added."""
-        if not 1 <= group <= 0xFFFF:
-            raise UserError(f"archive group size {group}: expected 1..65535")
-        flags = int(self.prior is not None) | (2 if names is not None else 0) | self._levels_flag(np.shape(codes)[1], grid)
-        out = [ARCHIVE_HEADER.pack(MAGIC_ARCHIVE, VERSION, flags, self.id, grid[0], grid[1], group, len(codes))]
-        for start in range(0, len(codes), group):
-            records = [Record(np.asarray(c), int(lb)) for c, lb in zip(codes[start : start + group], labels[start : start + group])]
-            for i, rec in enumerate(records, start):
-                out.append(struct.pack("<HH", NULL if rec.condition < 0 else rec.condition, _crc(rec.codes)))
-                if names is not None:
-                    out.append(_varint(len(names[i].encode())) + names[i].encode())
-            payload = self._encode_group(records)
-            out.append(_varint(len(payload)) + payload)
-            if progress is not None:
-                progress.update(len(records))
-        return b"".join(out)
+        """Many images' codes (N, T) -> one archive (:class:`ArchiveWriter`, in memory)."""
+        out = io.BytesIO()
+        with ArchiveWriter(self, out, len(codes), grid, names is not None, group, progress) as writer:
+            writer.add(codes, labels, names)
+        return out.getvalue()
 
-    def decompress_archive(self, data: bytes, what: str = "archive", progress=None):
-        """An archive -> (codes (N, T), conditions, names or None, grid)."""
+    def read_archive(self, data: bytes | BinaryIO, what: str = "archive", progress=None):
+        """An archive (bytes, or a file read piece by piece) -> (grid, count, codes per image, groups): ``groups`` yields
+        (codes (g, T), conditions, names or None) one group at a time, each checked against its CRCs."""
         r = _Reader(data, what)
         magic, version, flags, ident, h, w, group, count = ARCHIVE_HEADER.unpack(r.take(ARCHIVE_HEADER.size))
         t_len = self._check(magic == MAGIC_ARCHIVE, version, flags, ident, (h, w), what)
-        codes, conditions, names = [], [], []
-        for start in range(0, count, group):
-            chunk = []
-            for _ in range(min(group, count - start)):
-                cond, crc = struct.unpack("<HH", r.take(4))
-                chunk.append((-1 if cond == NULL else cond, crc))
-                if flags & 2:
-                    names.append(r.take(r.varint()).decode())
-            decoded = self._decode_group(r.take(r.varint()), [c[0] for c in chunk], t_len, what)
-            for (cond, crc), c in zip(chunk, decoded):
-                if _crc(c) != crc:
-                    raise CodecError(f"{what}: image {len(codes)} did not decode to its codes (CRC mismatch): damaged, or a table differed")  # fmt: skip
-                codes.append(c)
-                conditions.append(cond)
-            if progress is not None:
-                progress.update(len(chunk))
-        if r.pos != len(data):
-            raise CodecError(f"{what} has {len(data) - r.pos} bytes after its last image")
-        return np.stack(codes) if codes else np.zeros((0, t_len), dtype=np.int64), conditions, (names if flags & 2 else None), (h, w)
+
+        def groups():
+            done = 0
+            for start in range(0, count, group):
+                chunk, names = [], []
+                for _ in range(min(group, count - start)):
+                    cond, crc = struct.unpack("<HH", r.take(4))
+                    chunk.append((-1 if cond == NULL else cond, crc))
+                    if flags & 2:
+                        names.append(r.take(r.varint()).decode())
+                decoded = self._decode_group(r.take(r.varint()), [c[0] for c in chunk], t_len, what)
+                for i, ((cond, crc), c) in enumerate(zip(chunk, decoded)):
+                    if _crc(c) != crc:
+                        raise CodecError(f"{what}: image {done + i} did not decode to its codes (CRC mismatch): damaged, or a table differed")  # fmt: skip
+                done += len(chunk)
+                if progress is not None:
+                    progress.update(len(chunk))
+                yield decoded, [c[0] for c in chunk], (names if flags & 2 else None)
+            extra = len(r.rest())
+            if extra:
+                raise CodecError(f"{what} has {extra} bytes after its last image")
+
+        return (h, w), count, t_len, groups()
+
+    def decompress_archive(self, data: bytes | BinaryIO, what: str = "archive", progress=None):
+        """An archive -> (codes (N, T), conditions, names or None, grid), all in memory."""
+        grid, _, t_len, groups = self.read_archive(data, what, progress)
+        parts = list(groups)
+        codes = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, t_len), dtype=np.int64)
+        names = [n for p in parts for n in p[2]] if parts and parts[0][2] is not None else None
+        return codes, [c for p in parts for c in p[1]], names, grid
+
+
+class ArchiveWriter:
+    """Images' codes -> one archive, written to ``out`` as they come (:meth:`add` any number at a time).
+
+    Images are coded in groups of ``group``, each group one stream decoded as one batch: per image only
+    its condition and CRC (4 bytes) are added. The header holds ``count``, the number of images to come."""
+
+    def __init__(self, codec: Codec, out: BinaryIO, count: int, grid: tuple[int, int], names: bool = False,
+                 group: int = 256, progress=None):  # fmt: skip
+        if not 1 <= group <= 0xFFFF:
+            raise UserError(f"archive group size {group}: expected 1..65535")
+        self.codec, self.out, self.count, self.names, self.group, self.progress = codec, out, count, names, group, progress
+        self.pending: list[tuple[np.ndarray, int, str | None]] = []
+        self.written, self.header = 0, (codec, grid)
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+
+    def _start(self, t_len: int) -> None:
+        codec, grid = self.header
+        flags = int(codec.prior is not None) | (2 if self.names else 0) | codec._levels_flag(t_len, grid)
+        self.out.write(ARCHIVE_HEADER.pack(MAGIC_ARCHIVE, VERSION, flags, codec.id, grid[0], grid[1], self.group, self.count))
+        self.header = None
+
+    def _flush(self, n: int) -> None:
+        records = [Record(np.asarray(c), int(lb)) for c, lb, _ in self.pending[:n]]
+        for rec, (_, _, name) in zip(records, self.pending[:n]):
+            self.out.write(struct.pack("<HH", NULL if rec.condition < 0 else rec.condition, _crc(rec.codes)))
+            if self.names:
+                self.out.write(_varint(len(name.encode())) + name.encode())
+        payload = self.codec._encode_group(records)
+        self.out.write(_varint(len(payload)) + payload)
+        del self.pending[:n]
+        self.written += n
+        if self.progress is not None:
+            self.progress.update(n)
+
+    def add(self, codes: np.ndarray, labels: list[int], names: list[str] | None = None) -> None:
+        if self.header is not None:
+            self._start(np.shape(codes)[1])
+        self.pending += zip(codes, labels, names if names is not None else [None] * len(codes))
+        while len(self.pending) >= self.group:
+            self._flush(self.group)
+
+    def close(self) -> None:
+        if self.header is not None:  # no images at all
+            self._start(self.codec.layout(self.header[1]).length(self.codec.coded_levels))
+        if self.pending:
+            self._flush(len(self.pending))
+        if self.written != self.count:
+            raise CodecError(f"the archive's header announced {self.count} images but {self.written} were added")

@@ -113,6 +113,16 @@ def parse_args(types: tuple[type, ...], argv: list[str] | None = None, prog: str
     return parsed
 
 
+def announce_memory(what: str, nbytes: float) -> None:
+    """One line before a step whose memory grows with the data (an index, a reference set): the estimate
+    against the memory the machine has free, so a run the kernel would kill says so before it starts."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    line = f"{what}: about {nbytes / 2**30:.2f} GiB in memory ({free / 2**30:.1f} GiB available)"
+    print(f"warning: {line}; this may not fit" if nbytes > 0.8 * free else line, file=sys.stderr if nbytes > 0.8 * free else sys.stdout)
+
+
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep the memory this process frees, as PyTorch's GPU caching allocator does.
 

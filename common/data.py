@@ -12,6 +12,7 @@ import copy
 import gzip
 import hashlib
 import io
+import json
 import os
 import random
 import sys
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import ClassLabel, DatasetDict, Features, Image
 from datasets.distributed import split_dataset_by_node
+from datasets.fingerprint import generate_random_fingerprint
 from PIL import Image as PILImage
 
 from common.cli import UsageError, UserError, option
@@ -137,6 +140,100 @@ def atomic_save_to_disk(ds: datasets.Dataset | DatasetDict, path: str, extra_fil
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
     publish_dir(tmp, path)
+
+
+class DatasetWriter:
+    """A ``datasets`` dataset written batch by batch in the folder layout of ``save_to_disk`` (``datasets.
+    load_from_disk`` reads it back): memory holds one batch, never the dataset.
+
+        with staged(out) as tmp, DatasetWriter(tmp, features) as writer:
+            for labels, codes in batches:
+                writer.write({"label": labels, "codes": codes})  # a column: a list, or an array (rows, ...)
+
+    A column of ``Sequence(..., length=n)`` takes an array (rows, n). A new Arrow file (an IPC stream, as
+    datasets writes them) starts every ``shard_bytes``, like save_to_disk's ``max_shard_size``.
+    """
+
+    def __init__(self, path: str, features: Features, split: str | None = None, shard_bytes: int = 500 << 20):
+        os.makedirs(path, exist_ok=True)
+        self.path, self.features, self.split, self.shard_bytes = path, features, split, shard_bytes
+        self.schema, self.files, self.rows = features.arrow_schema, [], 0
+        self._sink = self._stream = None
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+        elif self._sink is not None:
+            self._sink.close()
+
+    @staticmethod
+    def _column(values, kind: pa.DataType) -> pa.Array:
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):  # a column read back from a dataset: as it is
+            return values if values.type == kind else values.cast(kind)
+        if isinstance(values, np.ndarray) and pa.types.is_fixed_size_list(kind):
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=kind.value_type)
+            return pa.FixedSizeListArray.from_arrays(flat, kind.list_size)
+        return pa.array(values, type=kind)
+
+    def _open(self) -> None:
+        name = f"data-{len(self.files):05d}.arrow"
+        self.files.append(name)
+        self._sink = pa.OSFile(os.path.join(self.path, name), "wb")
+        self._stream = pa.ipc.new_stream(self._sink, self.schema)
+
+    def _close_shard(self) -> None:
+        self._stream.close()
+        self._sink.close()
+        self._sink = self._stream = None
+
+    def write(self, columns: dict) -> None:
+        table = pa.Table.from_arrays([self._column(columns[f.name], f.type) for f in self.schema], schema=self.schema)
+        if self._stream is None:
+            self._open()
+        self._stream.write_table(table)
+        self.rows += table.num_rows
+        if self._sink.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def close(self) -> None:
+        """Finish the last file and write what ``load_from_disk`` reads first (state.json, dataset_info.json)."""
+        if self._stream is None and not self.files:  # no rows: one empty file, as save_to_disk writes
+            self._open()
+        if self._stream is not None:
+            self._close_shard()
+        datasets.DatasetInfo(features=self.features).write_to_directory(self.path)
+        state = {"_data_files": [{"filename": f} for f in self.files], "_fingerprint": generate_random_fingerprint(),
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                 "_split": self.split}  # fmt: skip
+        with open(os.path.join(self.path, "state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+
+
+def write_splits_index(path: str, splits: list[str]) -> None:
+    """The ``dataset_dict.json`` that makes a folder of split folders (each a :class:`DatasetWriter`'s) a DatasetDict."""
+    with open(os.path.join(path, "dataset_dict.json"), "w") as f:
+        json.dump({"splits": list(splits)}, f)
+
+
+def read_batches(path: str, batch_rows: int = 1000):
+    """The record batches of a dataset folder (``save_to_disk``/:class:`DatasetWriter` layout) as pyarrow
+    tables, read from the files without memory-mapping them: a second pass over a written dataset keeps
+    only the batch resident (``load_from_disk`` maps the files, and every page read stays in the process)."""
+    with open(os.path.join(path, "state.json")) as f:
+        files = [d["filename"] for d in json.load(f)["_data_files"]]
+    for name in files:
+        with pa.OSFile(os.path.join(path, name), "rb") as source:
+            reader, pending = pa.ipc.open_stream(source), []
+            for batch in reader:
+                pending.append(batch)
+                if sum(b.num_rows for b in pending) >= batch_rows:
+                    yield pa.Table.from_batches(pending)
+                    pending = []
+            if pending:
+                yield pa.Table.from_batches(pending)
 
 
 # ---------------------------------------------------------------- sources -> splits
@@ -463,14 +560,22 @@ def image_loader(ds: datasets.Dataset, transform: ImageTransform, batch_size: in
     )  # fmt: skip
 
 
+def image_batches(ds: datasets.Dataset, transform: ImageTransform, batch_size: int = 500):
+    """(images (B, C, H, W) in [-1, 1], labels (B,)) of a map-style split, batch after batch, in order:
+    how every command reads a split (one batch decoded at a time, never the split whole)."""
+    for batch in image_loader(ds, transform, batch_size, shuffle=False):
+        yield batch["pixel_values"], batch["labels"]
+
+
 def load_tensors(ds: datasets.Dataset, channels: int | ImageTransform, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole (map-style) split in memory: images (N, C, H, W) in [-1, 1] and labels (N,), in order.
+    """A whole (map-style) split in memory: images (N, C, H, W) in [-1, 1] and labels (N,), in order (for
+    the sets a benchmark holds; commands read :func:`image_batches`).
 
     ``channels`` is a channel count (every image converted to it) or the transform to apply
     (:func:`model_transform`: a colour mode other than the model's is an error)."""
     transform = channels if isinstance(channels, ImageTransform) else ImageTransform(channels)
-    batches = list(image_loader(ds, transform, batch_size, shuffle=False))
-    return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    batches = list(image_batches(ds, transform, batch_size))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def model_transform(data_args: DataArguments, channels: int, model: str) -> ImageTransform:
@@ -485,43 +590,61 @@ def model_transform(data_args: DataArguments, channels: int, model: str) -> Imag
 
 @dataclass
 class FolderImages:
-    """The images of a folder (or of one file) in memory, with what the folder says of each."""
+    """The images of a folder (or of one file), undecoded, with what the folder says of each; decoded by
+    :meth:`batches` (one batch at a time) or :attr:`images` (all at once, for a handful of queries)."""
 
-    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    dataset: datasets.Dataset  # column image (undecoded), in the order of ``files``
+    transform: ImageTransform
     labels: list[str | None]  # class name: the image's <class>/ folder or its metadata.jsonl label; None where none
     files: list[str]  # path relative to the folder (the file's name, for one file), sorted
+
+    def __len__(self) -> int:
+        return len(self.files)
 
     def class_ids(self, names: list[str]) -> torch.Tensor:
         """The labels as indices into ``names``; -1 where an image has none or one that is not in ``names``."""
         return torch.tensor([names.index(n) if n in names else -1 for n in self.labels], dtype=torch.long)
 
+    def batches(self, batch_size: int = 500):
+        """Images (B, C, H, W) in [-1, 1], batch after batch in the order of ``files``."""
+        for images, _ in image_batches(self.dataset, self.transform, batch_size):
+            yield images
 
-def read_images(path: str, channels: int | ImageTransform, batch_size: int = 500) -> FolderImages:
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image (N, C, H, W) in [-1, 1]."""
+        return torch.cat(list(self.batches()))
+
+
+def read_images(path: str, channels: int | ImageTransform) -> FolderImages:
     """One image file, or every image below a folder in datasets' imagefolder layout (``<class>/`` folders,
-    optionally under ``train/``/``test/``, or a ``metadata.jsonl`` with a ``label``), whole and in order
-    of path: the reader of every command that takes images from a folder (evaluation, codec, anomaly).
-    ``channels`` as in :func:`load_tensors`."""
+    optionally under ``train/``/``test/``, or a ``metadata.jsonl`` with a ``label``), in order of path: the
+    reader of every command that takes images from a folder (evaluation, codec, anomaly, features).
+    ``channels`` as in :func:`load_tensors`. Nothing is decoded yet; the first image is, to fail early."""
     transform = channels if isinstance(channels, ImageTransform) else ImageTransform(channels)
     if os.path.isfile(path):
-        pixels = transform.pixels({"path": path, "bytes": None})
-        return FolderImages(to_float(pixels[None]), [None], [os.path.basename(path)])
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: no such image file or folder")
-    if not _has_images(path):
-        raise DataError(f"folder {path} contains no images; expected <folder>/<class>/*.png or a folder of images")
-    try:
-        dd = load_folder(path)
-    except Exception as e:
-        raise DataError(f"cannot read the images of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
-    _warn_dropped_labels(path, dd)
-    ds = datasets.concatenate_datasets(list(dd.values())).cast_column("image", Image(decode=False))
-    files = [os.path.relpath(v["path"], path) for v in ds["image"]]
-    order = sorted(range(len(ds)), key=files.__getitem__)
-    ds = ds.select(order)
-    feature = ds.features.get("label")
-    raw = list(ds["label"]) if "label" in ds.column_names else [None] * len(ds)
-    labels = [None if v is None else feature.names[v] if isinstance(feature, ClassLabel) else str(v) for v in raw]
-    return FolderImages(load_tensors(ds.select_columns(["image"]), transform, batch_size)[0], labels, [files[i] for i in order])
+        one = datasets.Dataset.from_dict({"image": [{"path": path, "bytes": None}]}, features=Features({"image": Image(decode=False)}))
+        found = FolderImages(one, transform, [None], [os.path.basename(path)])
+    else:
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: no such image file or folder")
+        if not _has_images(path):
+            raise DataError(f"folder {path} contains no images; expected <folder>/<class>/*.png or a folder of images")
+        try:
+            dd = load_folder(path)
+        except Exception as e:
+            raise DataError(f"cannot read the images of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
+        _warn_dropped_labels(path, dd)
+        ds = datasets.concatenate_datasets(list(dd.values())).cast_column("image", Image(decode=False))
+        files = [os.path.relpath(v["path"], path) for v in ds["image"]]
+        order = sorted(range(len(ds)), key=files.__getitem__)
+        ds = ds.select(order)
+        feature = ds.features.get("label")
+        raw = list(ds["label"]) if "label" in ds.column_names else [None] * len(ds)
+        labels = [None if v is None else feature.names[v] if isinstance(feature, ClassLabel) else str(v) for v in raw]
+        found = FolderImages(ds.select_columns(["image"]), transform, labels, [files[i] for i in order])
+    transform.pixels(found.dataset[0]["image"])
+    return found
 
 
 # ---------------------------------------------------------------- streams larger than the disk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 
 
 def staging_path(path: str) -> str:
@@ -27,14 +28,40 @@ def publish_dir(staging: str, path: str) -> None:
     os.replace(staging, path)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file or nothing: a temporary file beside it, then one rename."""
+@contextmanager
+def staged(path: str):
+    """``with staged(out) as tmp:`` fill ``tmp``; on success it replaces ``out``, on an error it is removed
+    (``out`` is left as it was either way until the one rename)."""
+    tmp = staging_dir(path)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, path)
+
+
+@contextmanager
+def atomic_file(path: str):
+    """``with atomic_file(out) as f:`` write the binary file ``f``; on success it becomes ``out`` in one
+    rename, on an error it is removed (``out`` is left as it was)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file or nothing: a temporary file beside it, then one rename."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -46,7 +46,7 @@ class EvaluationArguments:
 
 
 def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: SamplingArguments):
-    """The command as a function: (report, images scored)."""
+    """The command as a function: the report."""
     classifier = Classifier.from_pretrained(args.classifier).to(sampling.device).eval()
     if data_args.dataset == DataArguments.dataset and classifier.config.dataset:
         data_args.dataset = classifier.config.dataset  # the dataset the classifier knows
@@ -54,7 +54,8 @@ def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: Samp
     names = list(classifier.config.class_names)
     if args.samples is not None:
         transform = model_transform(data_args, classifier.config.in_channels, "the classifier")
-        images, labels = load_sample_folder(args.samples, names, transform)
+        found, labels = load_sample_folder(args.samples, names, transform)
+        images = found.batches()  # read one batch at a time
     else:
         pipe = ClassConditionalPipeline.from_pretrained(args.prior, device=sampling.device)
         if pipe.class_names != names:
@@ -63,12 +64,12 @@ def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: Samp
         sampling.announce(pipe)
         images = pipe(labels.tolist(), **sampling.pipeline_kwargs()).cpu()
     evaluator = Evaluator.from_dataset(space, data_args, classifier=classifier, max_reference=args.max_reference)
-    return evaluator.score(images, labels), images
+    return evaluator.score(images, labels)
 
 
 def main(argv=None):
     args, data_args, sampling = parse_args((EvaluationArguments, DataArguments, SamplingArguments), argv)
-    report, _ = evaluate(args, data_args, sampling)
+    report = evaluate(args, data_args, sampling)
     print(report.table())
     if args.output_json:
         atomic_write_text(args.output_json, report.to_json() + "\n")

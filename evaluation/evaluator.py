@@ -19,7 +19,7 @@ import datasets
 import torch
 
 from common.cli import UserError
-from common.data import DataArguments, ImageData, ImageTransform, column, image_loader, load_image_data, read_images
+from common.data import DataArguments, FolderImages, ImageData, ImageTransform, column, image_loader, load_image_data, read_images
 
 from .classifier import Classifier
 from .features import ClassifierSpace
@@ -88,11 +88,11 @@ class Evaluator:
 
     # -- features ----------------------------------------------------------------------------------
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images (N, C, H, W) in [-1, 1] -> features (N, D) and, with a classifier, logits (N, classes)."""
+    def embed(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (N, C, H, W) in [-1, 1], or batches of them (read one at a time) -> features (N, D) and,
+        with a classifier, logits (N, classes)."""
         feats, logits = [], []
-        for i in range(0, len(images), self.batch_size):
-            chunk = images[i : i + self.batch_size]
+        for chunk in images.split(self.batch_size) if isinstance(images, torch.Tensor) else images:
             f, lg = self.space.embed(chunk)
             if lg is None and self.accuracy_space is not None:
                 lg = self.accuracy_space.embed(chunk)[1]
@@ -156,20 +156,20 @@ class Evaluator:
                       frechet_distance(feats, self.reference), fd_floor, p, p_floor, r, r_floor,
                       accuracy, self.reference_accuracy if accuracy is not None else None)  # fmt: skip
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Report:
-        """Images (N, C, H, W) in [-1, 1]; ``labels`` (N,) the classes they were asked to be (-1: none)."""
+    def score(self, images, labels: torch.Tensor | None = None) -> Report:
+        """Images (N, C, H, W) in [-1, 1] or batches of them; ``labels`` (N,) the classes they were asked to be (-1: none)."""
         feats, logits = self.embed(images)
         if labels is not None and (torch.as_tensor(labels) < 0).all():
             labels = None
         return self.score_features(feats, logits, None if labels is None else torch.as_tensor(labels))
 
 
-def load_sample_folder(path: str, class_names: list[str], channels: int | ImageTransform) -> tuple[torch.Tensor, torch.Tensor]:
+def load_sample_folder(path: str, class_names: list[str], channels: int | ImageTransform) -> tuple[FolderImages, torch.Tensor]:
     """A folder in the layout ``python -m sample`` writes (``<class>/<i>.png`` + ``metadata.jsonl``), or
-    any imagefolder -> (images (N, C, H, W) in [-1, 1], class ids (N,) in ``class_names``, -1 if none);
-    ``channels`` as in :func:`common.data.read_images`."""
+    any imagefolder -> (its images, read batch by batch: :class:`common.data.FolderImages`; class ids (N,)
+    in ``class_names``, -1 if none); ``channels`` as in :func:`common.data.read_images`."""
     found = read_images(path, channels)
     unknown = sorted({w for w in found.labels if w is not None and w != "unconditional" and w not in class_names})
     if unknown:
         raise UserError(f"sample folder {path} has classes {unknown} that the classifier does not know; expected among {class_names}")  # fmt: skip
-    return found.images, found.class_ids(class_names)
+    return found, found.class_ids(class_names)

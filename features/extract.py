@@ -106,16 +106,27 @@ def code_counts(grids: list[torch.Tensor], num_codes: int, pyramid: bool = False
 
 
 class CodeBag:
-    """TF-IDF weighting of code counts, fitted once (on an index or a training split) and kept with it."""
+    """TF-IDF weighting of code counts, fitted once (on an index or a training split) and kept with it.
+
+    The IDF is scikit-learn's (``TfidfTransformer(smooth_idf=True)``), from document frequencies that
+    :meth:`update` accumulates batch by batch, so a split is never held whole to fit it."""
 
     def __init__(self, idf: np.ndarray | None = None):
         self.tfidf = TfidfTransformer(norm="l2", smooth_idf=True)
+        self.df, self.n = None, 0
         if idf is not None:
             self.tfidf.idf_ = np.asarray(idf, dtype=np.float64)
 
-    def fit(self, counts: np.ndarray) -> CodeBag:
-        self.tfidf.fit(counts)
+    def update(self, counts: np.ndarray) -> CodeBag:
+        """Count, for each column, the rows of ``counts`` where it is non-zero (its document frequency)."""
+        df = (np.asarray(counts) > 0).sum(0)
+        self.df, self.n = (df if self.df is None else self.df + df), self.n + len(counts)
+        self.tfidf.idf_ = np.log((1 + self.n) / (1 + self.df)) + 1  # TfidfTransformer's smooth IDF
         return self
+
+    def fit(self, counts: np.ndarray) -> CodeBag:
+        self.df, self.n = None, 0
+        return self.update(counts)
 
     @property
     def idf(self) -> np.ndarray:

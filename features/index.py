@@ -18,7 +18,7 @@ import torch
 
 from common.cli import UsageError, UserError
 from common.data import DataArguments, ImageTransform, load_image_data, load_tensors, read_images
-from common.files import publish_dir, staging_dir
+from common.files import staged
 from tokenizer import VQVAE
 
 from .extract import CodeBag, FeatureExtractor, features, fingerprint
@@ -66,13 +66,21 @@ class FeatureIndex:
         distances, rows = self.index.search(self._prepare(queries), k)
         return np.sqrt(np.maximum(distances, 0)), rows
 
-    def save(self, path: str) -> None:
-        """A folder, written whole: ``index.faiss`` and ``index.json`` (the metadata)."""
-        tmp = staging_dir(path)
-        faiss.write_index(self.index, os.path.join(tmp, "index.faiss"))
-        with open(os.path.join(tmp, "index.json"), "w") as f:
+    def estimate_bytes(self, n: int) -> int:
+        """The memory ``n`` vectors take in this index: the vectors, and the HNSW graph's links."""
+        links = 0 if self.exact else 4 * self.index.hnsw.nb_neighbors(0) * 1.2  # level 0's 2M int32 links, and the upper levels'
+        return int(n * (4 * self.dim + links))
+
+    def write(self, folder: str) -> None:
+        """``index.faiss`` and ``index.json`` (the metadata) into an existing folder."""
+        faiss.write_index(self.index, os.path.join(folder, "index.faiss"))
+        with open(os.path.join(folder, "index.json"), "w") as f:
             json.dump({"metric": self.metric, "exact": self.exact, **self.meta}, f)
-        publish_dir(tmp, path)
+
+    def save(self, path: str) -> None:
+        """The folder ``path``, written whole or not at all."""
+        with staged(path) as tmp:
+            self.write(tmp)
 
     @classmethod
     def load(cls, path: str) -> FeatureIndex:

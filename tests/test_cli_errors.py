@@ -98,7 +98,7 @@ ROWS = [
     ("evaluation", ["--prior", "{prior}", "--classifier", "{tok}"], 1, ["holds a tokenizer", "not a classifier"]),
     ("evaluation", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0"]),
     ("evaluation", ["--prior", "{prior}", "--features", "bogus"], 2, ["--features", "bogus"]),
-    ("evaluation", ["--samples", "{mixed}", "--classifier", "{clf}"], 1, ["colour", "the classifier takes grayscale", "--image-channels 1"]),
+    ("evaluation", ["--samples", "{mixed}", "--classifier", "{clf}"], 1, ["classes ['a', 'b']", "the classifier does not know"]),
     # python -m codec
     ("codec", ["frobnicate", "--prior", "{prior}", "--output", X], 2, ["frobnicate", "compress"]),
     ("codec", ["compress", "--prior", "{prior}", "--input", "/no/img.png", "--output", X], 2, ["--input", "/no/img.png"]),
@@ -124,7 +124,7 @@ ROWS = [
     ("anomaly", ["--prior", "{prior}", "--input", "{mixed}"], 1, ["colour", "the tokenizer takes grayscale", "--image-channels 1"]),
     ("anomaly", ["--prior", "{prior}", "--input", "{empty}", "--normal-classes", "0", "--reference", "train"], 2, ["--reference train", "--input"]),  # fmt: skip
     # python -m features
-    ("features", ["frobnicate"], 2, ["frobnicate", "extract, index or search"]),
+    ("features", ["frobnicate"], 2, ["frobnicate", "extract, index, search or cluster"]),
     ("features", ["extract"], 2, ["--tokenizer is required"]),
     ("features", ["extract", "--tokenizer", "{tok}", "--input", "{empty}"], 1, ["contains no images"]),
     ("features", ["index", "--tokenizer", "{tok}", "--max-train-samples", "16", "--feature", "quantized_1"], 2, ["--feature quantized_1", "this tokenizer gives"]),  # fmt: skip

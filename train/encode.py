@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from tokenizer import VQVAE
 from tokenizer.codes import CodeLayout
-from common.data import (TrainingDataArguments, DataError, ImageTransform, atomic_save_to_disk, image_loader,
-                        load_image_data, model_input)  # fmt: skip
+from common.data import (TrainingDataArguments, DataError, DatasetWriter, ImageTransform, image_loader, load_image_data, model_input,
+                         write_splits_index)  # fmt: skip
+from common.files import staged
 from common.cli import option, parse_args, run_main
 
 META_FILE = "vqgpt_codes.json"
@@ -54,35 +55,44 @@ def load_codes(path: str) -> tuple[datasets.DatasetDict, dict]:
 
 
 def encode_split(model: VQVAE, ds: datasets.Dataset | datasets.IterableDataset, transform: ImageTransform,
-                 batch_size: int, accelerator: Accelerator, desc: str, num_workers: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """This process's share of ``ds`` -> (codes (n, h*w), labels (n,)), gathered on every process.
+                 batch_size: int, accelerator: Accelerator, desc: str, num_workers: int = 1):  # fmt: skip
+    """Yield (codes (B, T), labels (B,)) of ``ds`` in order, batch by batch, on the main process (``None``
+    elsewhere): every process encodes a share and the main process receives each batch as it is done.
 
-    A map-style split is cut into contiguous index ranges; a stream into disjoint shards
-    (``split_dataset_by_node``), read once, in order.
+    A map-style split is dealt batch by batch (process p takes batches p, p + P, ...), so the rounds of
+    the gather return the batches in the dataset's order; a stream is cut into disjoint shards
+    (``split_dataset_by_node``), read once.
     """
+    rank, world = accelerator.process_index, accelerator.num_processes
     if isinstance(ds, datasets.IterableDataset):
-        shard = split_dataset_by_node(ds, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        shard = split_dataset_by_node(ds, rank=rank, world_size=world)
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=transform)
+        rounds = None  # unknown: every round asks whether a process still has a batch
     else:
-        with accelerator.split_between_processes(list(range(len(ds)))) as mine:
-            # One worker decodes the next batch of PNGs while the model encodes this one.
-            loader = image_loader(ds.select(mine), transform, batch_size, shuffle=False, num_workers=num_workers)
-    codes, labels = [], []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-        idx = model.encode(batch["pixel_values"].to(accelerator.device))  # (B, h, w) or (B, T), inference mode
-        codes.append(idx.flatten(1).cpu())  # (B, T): tokenizer.codes
-        labels.append(batch["labels"])
-    local = (torch.cat(codes).numpy(), torch.cat(labels).numpy()) if codes else (np.zeros((0, 0)), np.zeros(0))
-    parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
-    parts = [p for p in parts if len(p[1])]
-    if not parts:
-        raise DataError(f"{desc}: no images to encode")
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        starts = range(rank * batch_size, len(ds), world * batch_size)
+        mine = [i for start in starts for i in range(start, min(start + batch_size, len(ds)))]
+        # One worker decodes the next batch of PNGs while the model encodes this one.
+        loader = image_loader(ds.select(mine), transform, batch_size, shuffle=False, num_workers=num_workers if mine else 0)
+        rounds = -(-len(ds) // (world * batch_size))
+    batches, done = iter(loader), 0
+    with tqdm(total=rounds, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True) as bar:
+        while rounds is None or done < rounds:
+            batch = next(batches, None)
+            local = None if batch is None else (model.encode(batch["pixel_values"].to(accelerator.device)).flatten(1).cpu().numpy(),
+                                                batch["labels"].numpy())  # (B, T): tokenizer.codes, inference mode  # fmt: skip
+            parts = gather_object([local]) if world > 1 else [local]
+            if rounds is None and all(p is None for p in parts):
+                break
+            done += 1
+            bar.update()
+            if accelerator.is_main_process:
+                yield from (p for p in parts if p is not None)
 
 
 def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_dir: str, batch_size: int,
                    accelerator: Accelerator) -> dict:  # fmt: skip
-    """Encode every split of ``data_args.dataset`` with the tokenizer; write ``output_dir``; return metadata."""
+    """Encode every split of ``data_args.dataset`` with the tokenizer into ``output_dir``, batch by batch
+    (memory holds a batch, not the codes of the split); return the metadata."""
     model = VQVAE.from_pretrained(tokenizer_ref).to(accelerator.device).eval()
     with accelerator.main_process_first():
         data = load_image_data(data_args)
@@ -100,10 +110,6 @@ def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_
         "codes": Sequence(Value(dtype), length=layout.length()),
         "label": ClassLabel(names=data.class_names) if data.class_names else Value("int64"),
     })  # fmt: skip
-    splits = {}
-    for name, ds in (("train", data.train), ("test", data.test)):
-        codes, labels = encode_split(model, ds, transform, batch_size, accelerator, f"encode {name}", data_args.num_workers or 1)  # fmt: skip
-        splits[name] = datasets.Dataset.from_dict({"codes": codes.astype(dtype), "label": labels}, features=features)
     meta = {
         "tokenizer": tokenizer_reference(tokenizer_ref),
         "num_codes": cfg.num_codes,
@@ -114,8 +120,20 @@ def encode_dataset(tokenizer_ref: str, data_args: TrainingDataArguments, output_
         "image_size": [h, w],
         "channels": cfg.in_channels,
     }
-    if accelerator.is_main_process:
-        atomic_save_to_disk(datasets.DatasetDict(splits), output_dir, {META_FILE: json.dumps(meta, indent=2)})
+    main = accelerator.is_main_process
+    with (staged(output_dir) if main else nullcontext()) as tmp:
+        for name, ds in (("train", data.train), ("test", data.test)):
+            writer = DatasetWriter(os.path.join(tmp, name), features, split=name) if main else None
+            for codes, labels in encode_split(model, ds, transform, batch_size, accelerator, f"encode {name}", data_args.num_workers or 1):  # fmt: skip
+                writer.write({"codes": codes.astype(dtype), "label": labels})
+            if main:
+                if not writer.rows:
+                    raise DataError(f"encode {name}: no images to encode")
+                writer.close()
+        if main:
+            write_splits_index(tmp, ["train", "test"])
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
     accelerator.wait_for_everyone()
     return meta
 
