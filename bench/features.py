@@ -1,11 +1,11 @@
 """Features of a tokenizer under the standard protocols, beside raw pixels and PCA-50 in the same run
-(docs/features.md): clustering all 70k Fashion-MNIST images, the linear probe, few labels, and image
+(docs/features.md): clustering all 70k Fashion-MNIST images (k-means, and N2D's UMAP + Gaussian mixture), the linear probe, few labels, and image
 search (precision@10 of the 10k test images against the 60k training index; and the vector-search
 libraries compared on the same vectors).
 
     python -m bench.features --tokenizer runs/demo/tokenizer [--out runs/features-bench]
-        [--protocols search,libraries,few,probe,clustering] [--features pixels,pca50,encoder,...]
-        [--cluster-seeds 10 --n-init 20] [--seeds 10]
+        [--protocols search,libraries,few,probe,clustering,n2d] [--features pixels,pca50,encoder,...]
+        [--cluster-seeds 10 --n-init 20] [--n2d-seeds 3] [--seeds 10]
 
 Every cell (protocol, feature) is kept in OUT/results.json as it finishes, so a run can be resumed or
 extended; the table is printed from it at the end. Published clustering anchors (accuracy / NMI, same
@@ -21,7 +21,6 @@ import os
 import time
 
 import numpy as np
-import torch
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
@@ -30,7 +29,7 @@ from common.data import DataArguments, load_image_data, load_tensors
 from features import CodeBag, FeatureExtractor, FeatureIndex, clustering, few_labels, linear_probe, precision_at_k
 from tokenizer import VQVAE
 
-PROTOCOLS = ("search", "libraries", "few", "probe", "clustering")
+PROTOCOLS = ("search", "libraries", "few", "probe", "clustering", "n2d")
 BASELINES = ("pixels", "pca50")
 ANCHORS = {"k-means on pixels": (0.47, 0.51), "AE + k-means": (0.61, 0.64), "DEC": (0.62, 0.65), "ClusterGAN": (0.61, 0.62), "N2D": (0.67, 0.68)}
 
@@ -46,15 +45,17 @@ def load_features(tokenizer: str, names: list[str]) -> tuple[dict[str, tuple[np.
         pca = PCA(50, random_state=0).fit(out["pixels"][0])
         out["pca50"] = tuple(pca.transform(x).astype(np.float32) for x in out["pixels"])
     tok = VQVAE.from_pretrained(tokenizer)
-    extractor = FeatureExtractor(tok, pyramid=True)
+    pyramid = "codes_pyramid" in names
+    extractor = FeatureExtractor(tok, pyramid=pyramid)
     raw = [extractor.extract(xtr), extractor.extract(xte)]  # one pass: the whole grids' counts are among the pyramid's
     out |= {n: (raw[0][n], raw[1][n]) for n in raw[0] if n != "counts"}
-    pyramid = [r["counts"] for r in raw]
-    # each level's counts are its whole grid, then its four quadrants (features.code_counts)
-    whole = [c.reshape(len(c), -1, 5, tok.config.num_codes)[:, :, 0].reshape(len(c), -1) for c in pyramid]
-    for name, counts in (("codes", whole), ("codes_pyramid", pyramid)):
-        bag = CodeBag().fit(counts[0])
-        out[name] = tuple(bag.transform(c) for c in counts)
+    counts = [r.pop("counts") for r in raw]
+    # each level's counts are its whole grid, then (with the pyramid) its four quadrants (features.code_counts)
+    whole = [c.reshape(len(c), -1, 5, tok.config.num_codes)[:, :, 0].reshape(len(c), -1) for c in counts] if pyramid else counts
+    for name, c in (("codes", whole), ("codes_pyramid", counts if pyramid else None)):
+        if name in names:
+            bag = CodeBag().fit(c[0])
+            out[name] = tuple(bag.transform(part) for part in c)
     if "encoder_pca50" in names:
         pca = PCA(50, random_state=0).fit(out["encoder"][0])
         out["encoder_pca50"] = tuple(pca.transform(x).astype(np.float32) for x in out["encoder"])
@@ -137,6 +138,9 @@ def run_cell(protocol: str, name: str, feats, ytr, yte, args) -> dict:
     if protocol == "clustering":
         x, y = np.concatenate([train, test]), np.concatenate([ytr, yte])
         return clustering(x, y, 10, args.n_init, range(args.cluster_seeds)) | {"n_init": args.n_init}
+    if protocol == "n2d":  # N2D's recipe over all 70k images: PCA-50, UMAP to 10 (20 neighbours, min_dist 0), GMM
+        x, y = np.concatenate([train, test]), np.concatenate([ytr, yte])
+        return clustering(x, y, 10, seeds=range(args.n2d_seeds), method="n2d")
     raise ValueError(protocol)
 
 
@@ -155,6 +159,13 @@ def print_tables(results: dict) -> None:
         row += [ms(f[s_][k]) for s_, k in (("10", "logistic"), ("10", "knn1"), ("100", "logistic"), ("100", "knn1"), ("100", "knn10"))] if f else ["-"] * 5
         row += [f"{s['precision_at_10']:.4f}" if s else "-"]
         print(f"| {n} | " + " | ".join(row) + " |")
+    if any(cell("n2d", n) for n in names):
+        print("\n| feature (70k images) | k-means ACC | k-means NMI | N2D ACC | N2D NMI | N2D ARI |\n|---|---|---|---|---|---|")
+        for n in names:
+            c, d = cell("clustering", n), cell("n2d", n)
+            if d:
+                km = [f"{c['accuracy']['mean']:.3f}", f"{c['nmi']['mean']:.3f}"] if c else ["-", "-"]
+                print(f"| {n} | " + " | ".join(km + [ms(d[m]) for m in ("accuracy", "nmi", "ari")]) + " |")
     libs = cell("libraries", "encoder")
     if libs:
         print("\n| search of 10k queries in 60k encoder features (cosine) | build s | index MB | queries/s | recall@10 |\n|---|---|---|---|---|")
@@ -171,6 +182,7 @@ def main():
     p.add_argument("--seeds", type=int, default=10, help="draws of the few-label protocol")
     p.add_argument("--cluster-seeds", type=int, default=10, help="k-means runs (the protocol: 10)")
     p.add_argument("--n-init", type=int, default=20, help="starts of each k-means run (the protocol: 20)")
+    p.add_argument("--n2d-seeds", type=int, default=3, help="N2D runs (UMAP and the mixture seeded together)")
     p.add_argument("--probe-max-iter", type=int, default=300, help="lbfgs iterations of the linear probe's fits")
     args = p.parse_args()
     print(machine(), flush=True)
@@ -192,7 +204,8 @@ def main():
             os.replace(path + ".tmp", path)
     print_tables(results)
     best = lambda p, get: max((get(v), k.split("/")[1]) for k, v in results.items() if k.startswith(p + "/") and k.split("/")[1] not in BASELINES)  # noqa: E731
-    for p_, get, unit, target in (("clustering", lambda v: v["accuracy"]["mean"], "accuracy", 0.70), ("probe", lambda v: v["accuracy"], "accuracy", 0.90)):
+    for p_, get, unit, target in (("clustering", lambda v: v["accuracy"]["mean"], "accuracy", 0.70), ("n2d", lambda v: v["accuracy"]["mean"], "accuracy", 0.70),
+                                  ("n2d", lambda v: v["nmi"]["mean"], "NMI", 0.70), ("probe", lambda v: v["accuracy"], "accuracy", 0.90)):  # fmt: skip
         if any(k.startswith(p_ + "/") for k in results):
             value, name = best(p_, get)
             report(f"features {p_} ({name})", value, unit, target=f">= {target}", ok=value >= target)

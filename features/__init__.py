@@ -2,7 +2,7 @@
 
 from .extract import DESCRIPTIONS, CodeBag, FeatureExtractor, code_counts, features, fingerprint
 from .index import FeatureIndex, ImageSearch
-from .protocols import balanced_draw, cluster_accuracy, clustering, few_labels, linear_probe, precision_at_k
+from .protocols import balanced_draw, cluster_accuracy, cluster_scores, clustering, clusters, few_labels, linear_probe, n2d_clusters, precision_at_k
 
-__all__ = ["DESCRIPTIONS", "CodeBag", "FeatureExtractor", "FeatureIndex", "ImageSearch", "balanced_draw", "cluster_accuracy", "clustering",
+__all__ = ["DESCRIPTIONS", "CodeBag", "FeatureExtractor", "FeatureIndex", "ImageSearch", "balanced_draw", "cluster_accuracy", "cluster_scores", "clustering", "clusters", "n2d_clusters",
            "code_counts", "features", "few_labels", "fingerprint", "linear_probe", "precision_at_k"]  # fmt: skip

@@ -1,8 +1,11 @@
 """The standard protocols of unsupervised feature learning, by scikit-learn (docs/features.md).
 
-- :func:`clustering`: k-means with k classes over every image; accuracy under the best one-to-one
-  matching of clusters to classes (Hungarian, scipy's ``linear_sum_assignment``), NMI (arithmetic
-  averaging, scikit-learn's default) and ARI; mean and standard deviation over seeds.
+- :func:`clustering`: k clusters over every image, by k-means (``method='kmeans'``: ``n_init`` starts) or
+  by N2D's recipe (``method='n2d'``, McConville et al. 2020: PCA to 50 dimensions where wider, UMAP to k
+  dimensions with 20 neighbours and ``min_dist`` 0, then a full-covariance Gaussian mixture of k, both
+  seeded); accuracy under the best one-to-one matching of clusters to classes (Hungarian, scipy's
+  ``linear_sum_assignment``), NMI (arithmetic averaging, scikit-learn's default) and ARI; mean and
+  standard deviation over seeds.
 - :func:`linear_probe`: standardised features, multinomial logistic regression, C chosen on a held-out
   part of the training rows, refitted on all of them, accuracy on the test rows.
 - :func:`few_labels`: n labelled images per class drawn class-balanced from the training rows, per seed;
@@ -15,12 +18,16 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
+from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from common.cli import UserError
 
 
 def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -34,16 +41,41 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": len(values)}
 
 
-def clustering(x: np.ndarray, labels: np.ndarray, k: int = 10, n_init: int = 20, seeds=range(10)) -> dict[str, dict]:
-    """{'accuracy', 'nmi', 'ari'}: each {'mean', 'std', 'runs'} over one k-means (``n_init`` starts) per seed."""
-    scores: dict[str, list[float]] = {"accuracy": [], "nmi": [], "ari": []}
+CLUSTERING = ("kmeans", "n2d")
+
+
+def n2d_clusters(x: np.ndarray, k: int = 10, seed: int = 0, pca: int = 50, neighbours: int = 20) -> np.ndarray:
+    """N2D's clusters of the rows of ``x``: PCA to ``pca`` dimensions (where wider), UMAP to ``k``
+    dimensions (``neighbours`` neighbours, min_dist 0), a full-covariance Gaussian mixture of ``k``."""
+    try:
+        import umap
+    except ImportError:
+        raise UserError("N2D clustering needs umap-learn: pip install 'vqgpt[cluster]'") from None
+    if x.shape[1] > pca:
+        x = PCA(pca, random_state=seed).fit_transform(x)
+    embedded = umap.UMAP(n_components=k, n_neighbors=neighbours, min_dist=0.0, random_state=seed, n_jobs=1).fit_transform(x)  # seeded: one thread
+    return GaussianMixture(k, covariance_type="full", random_state=seed).fit_predict(embedded)
+
+
+def clusters(x: np.ndarray, k: int = 10, seed: int = 0, method: str = "kmeans", n_init: int = 20) -> np.ndarray:
+    """The cluster of every row of ``x``: k-means (``n_init`` starts) or N2D's recipe (:func:`n2d_clusters`)."""
+    if method not in CLUSTERING:
+        raise ValueError(f"clustering method {method!r}: expected one of {', '.join(CLUSTERING)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    for seed in seeds:
-        pred = KMeans(k, n_init=n_init, random_state=seed).fit_predict(x)
-        scores["accuracy"].append(cluster_accuracy(labels, pred))
-        scores["nmi"].append(normalized_mutual_info_score(labels, pred, average_method="arithmetic"))
-        scores["ari"].append(adjusted_rand_score(labels, pred))
-    return {name: _summary(v) for name, v in scores.items()}
+    return KMeans(k, n_init=n_init, random_state=seed).fit_predict(x) if method == "kmeans" else n2d_clusters(x, k, seed)
+
+
+def cluster_scores(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """{'accuracy' (best one-to-one matching), 'nmi', 'ari'} of clusters ``pred`` against ``labels``."""
+    return {"accuracy": cluster_accuracy(labels, pred), "nmi": normalized_mutual_info_score(labels, pred, average_method="arithmetic"),
+            "ari": adjusted_rand_score(labels, pred)}  # fmt: skip
+
+
+def clustering(x: np.ndarray, labels: np.ndarray, k: int = 10, n_init: int = 20, seeds=range(10), method: str = "kmeans") -> dict[str, dict]:
+    """{'accuracy', 'nmi', 'ari'}: each {'mean', 'std', 'runs'} over one clustering per seed (``method``:
+    k-means with ``n_init`` starts, or N2D's recipe)."""
+    runs = [cluster_scores(labels, clusters(x, k, seed, method, n_init)) for seed in seeds]
+    return {name: _summary([r[name] for r in runs]) for name in ("accuracy", "nmi", "ari")}
 
 
 def _logistic(c: float, max_iter: int = 1000):

@@ -7,6 +7,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+from sklearn.feature_extraction.text import TfidfTransformer
 import torch
 from PIL import Image
 
@@ -58,6 +59,8 @@ def test_tfidf_weights_and_unit_rows():
     bag = CodeBag().fit(counts)
     df = (counts > 0).sum(0)
     assert np.allclose(bag.idf, np.log((1 + 3) / (1 + df)) + 1)
+    assert np.allclose(bag.idf, TfidfTransformer().fit(counts).idf_)  # scikit-learn's IDF
+    assert np.allclose(CodeBag().update(counts[:2]).update(counts[2:]).idf, bag.idf)  # batch by batch: the same
     rows = bag.transform(counts)
     expected = counts * bag.idf
     assert np.allclose(rows, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
@@ -80,6 +83,22 @@ def test_cluster_accuracy_hand_case_and_protocol():
     got = clustering(x, y, k=3, n_init=2, seeds=range(2))
     assert got["accuracy"] == {"mean": 1.0, "std": 0.0, "runs": 2} and got["nmi"]["mean"] == pytest.approx(1.0)
     assert got["ari"]["mean"] == pytest.approx(1.0)
+
+
+def test_n2d_finds_clusters_that_kmeans_cannot():
+    """N2D's recipe (PCA-50, UMAP, Gaussian mixture) on two interleaved rings in 60 dimensions: k-means cuts
+    the rings across, the neighbour graph follows them."""
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, 2 * np.pi, 600)
+    radius = np.repeat([1.0, 3.0], 300)
+    plane = np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1) + rng.normal(0, 0.08, (600, 2))
+    x = np.concatenate([plane, rng.normal(0, 0.01, (600, 58))], 1) @ np.linalg.qr(rng.normal(size=(60, 60)))[0]
+    y = np.repeat([0, 1], 300)
+    n2d = clustering(x, y, k=2, seeds=range(1), method="n2d")
+    kmeans = clustering(x, y, k=2, n_init=4, seeds=range(1))
+    assert n2d["accuracy"]["mean"] > 0.95 and kmeans["accuracy"]["mean"] < 0.75, (n2d, kmeans)
+    with pytest.raises(ValueError, match="clustering method 'dbscan'"):
+        clustering(x, y, k=2, method="dbscan")
 
 
 def test_probe_and_few_label_protocols():
@@ -135,6 +154,20 @@ def test_command_lines(chain, fashion, tmp_path):
     stored = ds.with_format("numpy")
     np.testing.assert_allclose(stored["encoder"], expected["encoder"], atol=1e-5)
     assert np.allclose(np.linalg.norm(stored["codes"], axis=1), 1, atol=1e-5)
+    bag = CodeBag().fit(expected["counts"])  # the IDF of every image, though written batch by batch
+    np.testing.assert_allclose(meta["idf"], bag.idf, rtol=1e-6)
+    np.testing.assert_allclose(stored["codes"], bag.transform(expected["counts"]), atol=1e-6)
+
+    # Clusters of the extracted features: the csv's labels and clusters give the summary's scores.
+    for method in ("kmeans", "n2d"):
+        out = python_m("features", "cluster", "--features", str(tmp_path / "feats"), "--feature", "encoder", "--method", method, "--k", "4",
+                       "--output-dir", str(tmp_path / f"clusters-{method}")).stdout  # fmt: skip
+        summary = json.loads((tmp_path / f"clusters-{method}" / "summary.json").read_text())
+        table = list(csv.DictReader(open(tmp_path / f"clusters-{method}" / "clusters.csv")))
+        names = [fashion.class_names[y] for y in ds["label"]]
+        assert [r["label"] for r in table] == names and len({r["cluster"] for r in table}) == 4
+        assert summary["accuracy"] == pytest.approx(cluster_accuracy(np.array(ds["label"]), np.array([int(r["cluster"]) for r in table])))
+        assert f"accuracy {summary['accuracy']:.4f}" in out
 
     # An index of a folder (<class>/ subfolders), and a query that is one of its images.
     folder = tmp_path / "shop"
