@@ -201,3 +201,36 @@ def test_read_images_takes_labels_from_folders_or_metadata_in_path_order(tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="contains no images"):
         read_images(str(tmp_path / "empty"), channels=1)
+
+
+def test_dataset_writer_round_trips_through_load_from_disk(tmp_path):
+    """Rows written batch by batch, over several Arrow files, read back by datasets as save_to_disk's would
+    be (a Dataset, and splits with their index as a DatasetDict); no rows still make a dataset."""
+    import datasets
+    import numpy as np
+
+    from common.data import DatasetWriter, read_batches, write_splits_index
+
+    features = datasets.Features({"id": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b"]),
+                                  "x": datasets.Sequence(datasets.Value("float32"), length=3)})  # fmt: skip
+    rng = np.random.default_rng(0)
+    batches = [({"id": [f"r{i}" for i in range(s, s + 40)], "label": rng.integers(0, 2, 40), "x": rng.normal(size=(40, 3)).astype(np.float32)})
+               for s in range(0, 200, 40)]  # fmt: skip
+    for split in ("train", "test"):
+        with DatasetWriter(str(tmp_path / "dd" / split), features, split=split, shard_bytes=2000) as writer:
+            for b in batches:
+                writer.write(b)
+    write_splits_index(str(tmp_path / "dd"), ["train", "test"])
+    dd = datasets.load_from_disk(str(tmp_path / "dd"))
+    assert list(dd) == ["train", "test"] and len(os.listdir(tmp_path / "dd" / "train")) > 4  # several files
+    ds = dd["train"].with_format("numpy")
+    assert ds.features == features and ds.split == "train" and len(ds) == 200
+    assert list(dd["train"]["id"]) == [f"r{i}" for i in range(200)] and dd["train"].features["label"].names == ["a", "b"]
+    np.testing.assert_array_equal(ds[:]["x"], np.concatenate([b["x"] for b in batches]))
+    np.testing.assert_array_equal(ds[:]["label"], np.concatenate([b["label"] for b in batches]))
+    again = [t for t in read_batches(str(tmp_path / "dd" / "train"), batch_rows=64)]
+    assert sum(t.num_rows for t in again) == 200 and again[0].column("id").to_pylist()[:2] == ["r0", "r1"]
+    with DatasetWriter(str(tmp_path / "empty"), features):
+        pass
+    empty = datasets.load_from_disk(str(tmp_path / "empty"))
+    assert len(empty) == 0 and empty.features == features
