@@ -60,6 +60,7 @@ class DemoArguments:
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
     preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
     max_samples: int | None = option(None, "Use only this many training images (a quarter as many test images).", domain="positive")  # fmt: skip
+    mixed_precision: str = option("auto", "Of the three trainings: auto (bf16 where this hardware makes a stage faster, docs/training.md), no or bf16.", choices=["auto", "no", "bf16"])  # fmt: skip
 
 
 def _run(cmd: list[str]) -> float:
@@ -119,17 +120,17 @@ def run_chain(args: DemoArguments) -> dict:
     stage("tokenizer", os.path.join(tok, "metrics.json"), _launch(
         "train.tokenizer", "--dataset", "fashion_mnist", "--preset", preset, *recipe["tokenizer"], "--output-dir", tok, *limit,
         "--train-batch-size", "128", "--max-train-steps", str(tokenizer_steps), "--lr-scheduler", "cosine", "--lr-warmup-steps", "100", "--eval-steps", str(tokenizer_steps),
-        "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
+        "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
     stage("encode", os.path.join(codes, "vqgpt_codes.json"), _launch(
         "train.encode", "--tokenizer", tok, "--dataset", "fashion_mnist", "--output-dir", codes, *limit))  # fmt: skip
     stage("prior", os.path.join(prior, "metrics.json"), _launch(
         "train.prior", "--codes", codes, "--preset", preset, "--arch", prior_arch, *recipe["prior"], *recipe["sampling"], "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--learning-rate", "1e-3", "--lr-warmup-steps", "100",
-        "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
+        "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
     stage("classifier", os.path.join(clf, "metrics.json"), _launch(
         "train.classifier", "--dataset", "fashion_mnist", "--output-dir", clf, *limit,
         "--max-train-steps", str(args.classifier_steps), "--eval-steps", str(args.classifier_steps),
-        "--checkpointing-steps", "500", "--logging-steps", "50"))  # fmt: skip
+        "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
     # The sampling settings are those the prior records (chosen in docs/recipe.md), python -m sample's default.
     minutes["sample"] = _run([sys.executable, "-m", "sample", "--prior", prior, "--classes", "all",
                               "--per-class", str(args.per_class), "--seed", "0", "--output-dir", samples]) / 60  # fmt: skip

@@ -116,3 +116,16 @@ def test_finer_code_grid_runs_through_the_chain(tmp_path):
              "--eval-steps", "3", "--samples-per-class", "1", "--output-dir", str(prior))  # fmt: skip
     images = ClassConditionalPipeline.from_pretrained(str(prior))([0, 3], seed=0)
     assert images.shape == (2, 1, 28, 28)
+
+
+def test_mixed_precision_auto_follows_the_hardware():
+    """auto: bf16 only where it makes the stage faster (AMX for the tokenizer on a CPU); an explicit choice stays."""
+    from train.loop import resolve_precision
+
+    stages = ("tokenizer", "prior", "classifier")
+    assert [resolve_precision("auto", s, flags={"avx2", "fma"})[0] for s in stages] == ["no"] * 3
+    amx = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert [resolve_precision("auto", s, flags=amx)[0] for s in stages] == ["bf16", "no", "no"]
+    assert "AMX" in resolve_precision("auto", "tokenizer", flags=amx)[1]
+    assert resolve_precision("bf16", "prior") == ("bf16", "asked for") and resolve_precision("no", "tokenizer", flags=amx)[0] == "no"
+    assert resolve_precision("auto", "prior", gpu_bf16=True)[0] == "bf16" and resolve_precision("auto", "prior", gpu_bf16=False)[0] == "no"

@@ -79,7 +79,7 @@ def main(argv=None):
     args, data_args, model_args = parse_args((TrainingArguments, TrainingDataArguments, ClassifierArguments), argv,
                                              learning_rate=3e-3, lr_scheduler="cosine", weight_decay=0.05,
                                              train_batch_size=128, max_train_steps=1000, lr_warmup_steps=100)  # fmt: skip
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, "classifier")
     with accelerator.main_process_first():
         data = load_image_data(data_args, seed=args.seed)
     if len(data.class_names) < 2:

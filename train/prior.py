@@ -151,7 +151,7 @@ def main(argv=None):
     args, data_args, prior_args = parse_args((TrainingArguments, TrainingDataArguments, PriorArguments), argv,
                                              lr_scheduler="cosine", learning_rate=6e-4, weight_decay=0.1,
                                              adam_beta2=0.95, lr_warmup_steps=200)  # fmt: skip
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, "prior")
     codes_dir = prior_args.codes
     if codes_dir is None:
         codes_dir = os.path.join(args.output_dir, "codes")

@@ -203,7 +203,7 @@ class TokenizerStage:
 
 def main(argv=None):
     args, data_args, model_args = parse_args((TrainingArguments, TrainingDataArguments, TokenizerArguments), argv)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, "tokenizer")
     with accelerator.main_process_first():
         data = load_image_data(data_args, seed=args.seed)
     config = get_config(model_args.preset, in_channels=data.channels, num_codes=model_args.num_codes,
