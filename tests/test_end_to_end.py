@@ -27,6 +27,11 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
         assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= files, files
         assert name == "classifier" or "images" in files, files
     assert (out / "prior" / "generation_config.json").exists()
+    from train.loop import resolve_precision
+
+    for name in ("tokenizer", "prior", "classifier"):  # --mixed-precision auto, as this machine settles it, in each card
+        precision, why = resolve_precision("auto", name)
+        assert f"| mixed precision | {precision} ({why}) |" in (out / name / "README.md").read_text()
     assert {"dataset_dict.json", "vqgpt_codes.json", "train", "test"} <= set(os.listdir(out / "codes"))
     samples = datasets.load_dataset("imagefolder", data_dir=str(out / "samples"), split="train")
     assert len(samples) == 80 and len(set(samples["label"])) == 10
@@ -47,14 +52,15 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     # --grid 14: the 14x14 recipe (docs/recipe.md) through the same chain; the classifier is the one above.
     out14 = tmp_path / "demo14"
     shutil.copytree(out / "classifier", out14 / "classifier")
-    grid14 = run([sys.executable, "demo.py", "--out", str(out14), "--grid", "14", *args[3:]])
+    small = ["--max-samples", "1024", "--tokenizer-steps", "20", "--prior-steps", "20", "--per-class", "4"]  # the chain, not its quality
+    grid14 = run([sys.executable, "demo.py", "--out", str(out14), "--grid", "14", *args[3:], *small])
     assert grid14.stdout.count("reusing") == 1 and "--num-downsamples 1 --num-codes 1024 --learning-rate 4e-3" in grid14.stdout
-    assert "gpt2, 40 steps" in grid14.stdout
+    assert "gpt2, 20 steps" in grid14.stdout
     pipe = ClassConditionalPipeline.from_pretrained(str(out14 / "prior"))
     assert pipe.prior.config.model_type == "gpt2" and pipe.info.seq_len == 196 and pipe.info.num_codes == 1024
     assert pipe.sampling_settings() == dict(guidance_scale=2.5, temperature=1.0, top_k=200, top_p=1.0, guidance_schedule="linear",
                                             deep_temperature=None, deep_top_k=None)  # fmt: skip
-    assert "sampling at " in grid14.stdout and json.loads((out14 / "evaluation.json").read_text())["num_samples"] == 80
+    assert "sampling at " in grid14.stdout and json.loads((out14 / "evaluation.json").read_text())["num_samples"] == 40
     # The 7x7 folder is not reused for the 14x14 chain: its recorded settings differ, and nothing runs.
     other = run([sys.executable, "demo.py", "--out", str(out), "--grid", "14", *args[3:]], check=False)
     assert other.returncode == 2 and "$ " not in other.stdout, other.stdout
