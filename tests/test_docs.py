@@ -26,7 +26,7 @@ PAGES = sorted([os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 OPTION = re.compile(r"--[A-Za-z][\w-]*")
-SUBCOMMANDS = {"codec": ("compress", "decompress"), "features": ("extract", "index", "search")}
+SUBCOMMANDS = {"codec": ("compress", "decompress"), "features": ("extract", "index", "search", "cluster")}
 
 
 def _rel(path: str) -> str:
