@@ -15,6 +15,7 @@ coding, whose speed on 2 CPU cores (about 15 images/s) would take an hour over 6
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,13 +51,14 @@ def export(split: str, n: int | None, folder: str) -> str:
     data = load_image_data(DataArguments())
     ds = getattr(data, split)
     ds = ds.select(range(n)) if n else ds
-    with staged(folder) as tmp:
-        i = 0
+    with staged(folder) as tmp, open(os.path.join(tmp, "metadata.jsonl"), "w") as meta:
+        i = 0  # as python -m sample writes: class folders, and the class names (with their '/') in metadata.jsonl
         for images, labels in image_batches(ds, ImageTransform(1), 1000):
             for image, label in zip(to_pil(images), labels.tolist()):
-                name = data.class_names[label].replace("/", "-")
-                os.makedirs(os.path.join(tmp, name), exist_ok=True)
-                image.save(os.path.join(tmp, name, f"{i:05d}.png"))
+                rel = f"{data.class_names[label].replace('/', '-')}/{i:05d}.png"
+                os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+                image.save(os.path.join(tmp, rel))
+                meta.write(json.dumps({"file_name": rel, "label": data.class_names[label]}) + "\n")
                 i += 1
     return folder
 
