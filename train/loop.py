@@ -106,8 +106,7 @@ class Stage(Protocol):
 # ---------------------------------------------------------------- setup
 
 
-# Stages whose training step bf16 autocast makes faster on a CPU with AMX (docs/results.md#precision:
-# the demo's tokenizer 1.6x on a Xeon with AMX; its Llama prior slower, so it stays float32).
+# Stages whose training step bf16 autocast makes faster on a CPU with AMX (docs/results.md#precision).
 BF16_CPU_STAGES = ("tokenizer",)
 
 
