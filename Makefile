@@ -40,7 +40,7 @@ browser:
 	fi
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 demo: setup
 	$(PY) demo.py $(DEMO_ARGS)

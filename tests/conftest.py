@@ -14,6 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs -n auto), the cores are shared out between the workers so that
+# their commands do not oversubscribe them; set before torch is imported here or in any subprocess.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,15 +100,28 @@ CLASSIFIER_ARGS = ["--width", "8", "--max-train-samples", "4096", "--max-eval-sa
                    "--checkpointing-steps", "60"]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def chain(tmp_path_factory):
-    """A tiny tokenizer, its codes, a tiny prior and a reference classifier, made by the real command
-    lines on Fashion-MNIST."""
-    root = tmp_path_factory.mktemp("chain")
+def _build_chain(root) -> None:
     tok, codes, prior, clf = root / "tok", root / "codes", root / "prior", root / "classifier"
     accelerate_launch("train.tokenizer", *TOK_ARGS, "--output-dir", str(tok))
     python_m("train.encode", "--tokenizer", str(tok), "--max-train-samples", "4096", "--max-eval-samples", "512",
              "--batch-size", "500", "--output-dir", str(codes))  # fmt: skip
     accelerate_launch("train.prior", "--codes", str(codes), *PRIOR_ARGS, "--output-dir", str(prior))
     accelerate_launch("train.classifier", *CLASSIFIER_ARGS, "--output-dir", str(clf))
-    return {"root": root, "tokenizer": tok, "codes": codes, "prior": prior, "classifier": clf}
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory, worker_id):
+    """A tiny tokenizer, its codes, a tiny prior and a reference classifier, made by the real command
+    lines on Fashion-MNIST; once per run, shared by pytest-xdist's workers (the first to ask builds it
+    under a file lock, as xdist's documentation shows). Tests read it and never write into it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = shared / "chain"
+    with FileLock(str(shared / "chain.lock")):
+        if not (root / "built").exists():
+            root.mkdir(exist_ok=True)
+            _build_chain(root)
+            (root / "built").touch()
+    return {"root": root, "tokenizer": root / "tok", "codes": root / "codes", "prior": root / "prior",
+            "classifier": root / "classifier"}  # fmt: skip
