@@ -1,8 +1,9 @@
-"""Score samples against a real split: Fréchet distance, precision, recall, class accuracy, and their floors.
+"""Score samples against a real split in several feature spaces: Fréchet distance, KID, precision, recall,
+class accuracy and the detail statistic, each beside its real-data floor.
 
-    python -m evaluation --samples samples/ --classifier runs/classifier
+    python -m evaluation --samples samples/ --classifier runs/classifier --spaces runs/resnet runs/contrastive
     python -m evaluation --prior runs/prior --classifier runs/classifier --per-class 80 --guidance-scale 2
-    python -m evaluation --samples samples/ --classifier runs/classifier --features inception   # standard FID
+    python -m evaluation --samples samples/ --classifier runs/classifier --spaces inception   # standard FID
 
 Prints a table and writes it as JSON (--output-json). The reference is the test split of --dataset (by
 default the dataset the classifier was trained on); the floor is the same metric for as many real
@@ -21,17 +22,16 @@ from common.data import DataArguments, model_transform
 from common.files import atomic_write_text
 from sample.pipeline import ClassConditionalPipeline, SamplingArguments
 
-from .classifier import Classifier
 from .evaluator import Evaluator, load_sample_folder
-from .features import ClassifierSpace, InceptionSpace
+from .features import load_spaces
 
 
 @dataclass
 class EvaluationArguments:
     samples: str | None = option(None, "A sample folder (as `python -m sample` writes it, or any imagefolder).")
     prior: str | None = option(None, "Or a prior: --per-class images of every class are sampled first.")
-    classifier: str | None = option(None, "The reference classifier (train.classifier output or Hub id).")
-    features: str = option("classifier", "Feature space: the reference classifier, or inception (standard FID; downloads its weights once).", choices=["classifier", "inception"])  # fmt: skip
+    classifier: str | None = option(None, "The reference classifier (train.classifier output or Hub id): the first feature space, and class accuracy.")  # fmt: skip
+    spaces: list[str] = option([], "More feature spaces: train.classifier outputs or Hub ids (--arch resnet, --objective contrastive, ...), or inception (standard FID; downloads its weights once).")  # fmt: skip
     per_class: int = option(80, "With --prior: images per class.", domain="positive")
     max_reference: int | None = option(None, "Use only the first N images of the reference split.", domain="positive")
     output_json: str | None = option(None, "Write the report here as JSON.")
@@ -47,10 +47,9 @@ class EvaluationArguments:
 
 def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: SamplingArguments):
     """The command as a function: the report."""
-    classifier = Classifier.from_pretrained(args.classifier).to(sampling.device).eval()
+    spaces, classifier = load_spaces(args.classifier, args.spaces, sampling.device)
     if data_args.dataset == DataArguments.dataset and classifier.config.dataset:
         data_args.dataset = classifier.config.dataset  # the dataset the classifier knows
-    space = ClassifierSpace(classifier) if args.features == "classifier" else InceptionSpace(sampling.device)
     names = list(classifier.config.class_names)
     if args.samples is not None:
         transform = model_transform(data_args, classifier.config.in_channels, "the classifier")
@@ -63,7 +62,7 @@ def evaluate(args: EvaluationArguments, data_args: DataArguments, sampling: Samp
         labels = torch.arange(len(names)).repeat_interleave(args.per_class)
         sampling.announce(pipe)
         images = pipe(labels.tolist(), **sampling.pipeline_kwargs()).cpu()
-    evaluator = Evaluator.from_dataset(space, data_args, classifier=classifier, max_reference=args.max_reference)
+    evaluator = Evaluator.from_dataset(spaces, data_args, classifier=classifier, max_reference=args.max_reference)
     return evaluator.score(images, labels)
 
 

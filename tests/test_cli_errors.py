@@ -97,7 +97,7 @@ ROWS = [
     ("evaluation", ["--samples", "/no/samples"], 2, ["--samples", "/no/samples"]),
     ("evaluation", ["--prior", "{prior}", "--classifier", "{tok}"], 1, ["holds a tokenizer", "not a classifier"]),
     ("evaluation", ["--prior", "{prior}", "--per-class", "0"], 2, ["--per-class", "0"]),
-    ("evaluation", ["--prior", "{prior}", "--features", "bogus"], 2, ["--features", "bogus"]),
+    ("evaluation", ["--prior", "{prior}", "--classifier", "{clf}", "--spaces", "{tok}"], 1, ["holds a tokenizer", "not a classifier"]),
     ("evaluation", ["--samples", "{mixed}", "--classifier", "{clf}"], 1, ["classes ['a', 'b']", "the classifier does not know"]),
     # python -m codec
     ("codec", ["frobnicate", "--prior", "{prior}", "--output", X], 2, ["frobnicate", "compress"]),
