@@ -197,6 +197,18 @@ def test_residual_tokenizer_trains_resumes_exactly_and_its_codes_keep_their_leve
     assert meta["levels"] == [[7, 7], [7, 7]] and meta["grid"] == [7, 7]
     assert len(codes["test"][0]["codes"]) == 98
 
+    # Decoder-only fine-tuning with the adaptive adversarial loss (taming's second stage), every prefix of the
+    # levels by the tokenizer's dropout: resumed like any run, and only the decoder moves, so the codes stay.
+    tuned = ["--finetune-decoder", str(tmp_path / "full"), "--disc-weight", "0.5", "--adaptive-disc-weight", *LEVEL_ARGS[8:]]
+    a, b = resumed_and_uninterrupted("train.tokenizer", tuned, tmp_path / "tuned", steps=12, stop=6)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert {k.split(".")[0] for k in full if not torch.equal(full[k], a[k])} == {"decoder"}, "the encoder and codebooks stay"
+    python_m("train.tokenizer", *tuned, "--finetune-levels", "1", "--max-train-steps", "2", "--output-dir", str(tmp_path / "level1"))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    original, level1 = VQVAE.from_pretrained(tmp_path / "full"), VQVAE.from_pretrained(tmp_path / "level1")
+    assert torch.equal(original.encode(x), level1.encode(x)) and not torch.equal(original.decode(original.encode(x)), level1.decode(level1.encode(x)))  # fmt: skip
+
 
 def test_gumbel_codes_are_the_argmax_of_the_logits_at_evaluation_and_samples_in_training():
     import math

@@ -240,8 +240,14 @@ class VQVAE(
                 "pad or resize the images (--pad-to-multiple / --resolution)"
             )
 
-    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+    def forward(self, x: torch.Tensor, latent: torch.Tensor | None = None) -> VQVAEOutput:
+        """``latent``: decode this (B, D, h, w) quantized latent instead of ``x``'s own, the encoder and the
+        codebook untouched (the decoder-only fine-tuning of ``train.tokenizer --finetune-decoder``)."""
         self.check_images(x)
+        if latent is not None:
+            recon = self.decoder(latent)
+            rec_loss = F.mse_loss(recon.float(), x.float())
+            return VQVAEOutput(recon, None, rec_loss, rec_loss, rec_loss.new_zeros(()), {})
         z = self.encoder(x)
         q = self.quantizer(z)
         recon = self.decoder(q.quantized)

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from common.cli import UsageError, option, parse_args, run_main
 from common.data import DataArguments, TrainingDataArguments
 from common.images import image_grid
-from evaluation import Classifier, ClassifierSpace, Evaluator
+from evaluation import Evaluator, load_spaces
 from prior import GUIDANCE_SCHEDULES, PriorInfo, bits, build_prior, generate_codes, prior_loss
 from prior import ARCHITECTURES, PRESETS, architecture
 from sample.pipeline import DEFAULT_SAMPLING, describe_sampling, generation_kwargs
@@ -39,7 +39,8 @@ class PriorArguments:
     n_embd: int | None = option(None, "Width (default: the preset's).", domain="positive")
     n_head: int | None = option(None, "Attention heads (default: the preset's).", domain="positive")
     dropout: float | None = option(None, "Dropout (default: the preset's). GPT-2: residual, embedding and attention; Llama and the level priors: attention only (transformers' Llama has no other).", domain="probability")  # fmt: skip
-    classifier: str | None = option(None, "Reference classifier: evaluation then samples and reports FD, precision, recall and class accuracy.")  # fmt: skip
+    classifier: str | None = option(None, "Reference classifier: evaluation then samples and reports FD, KID, precision, recall, class accuracy and detail.")  # fmt: skip
+    eval_spaces: list[str] = option([], "With --classifier: more feature spaces for that evaluation (as python -m evaluation --spaces).")  # fmt: skip
     eval_samples_per_class: int = option(20, "With --classifier: samples per class scored at each evaluation.", domain="positive")  # fmt: skip
     # The prior's sampling settings: its evaluation samples at them, and they are recorded in its config as
     # the settings it samples at (sample.pipeline.ClassConditionalPipeline.sampling_settings).
@@ -108,10 +109,7 @@ class PriorStage:
             images, labels = self._samples(model, accelerator, self.args.eval_samples_per_class)
             report = self.evaluator.score(images, labels)
             self.last_report = report
-            metrics.update({"fd": report.fd, "fd_floor": report.fd_floor, "fd_ratio": report.fd_ratio,
-                            "precision": report.precision, "recall": report.recall})  # fmt: skip
-            if report.accuracy is not None:
-                metrics["class_accuracy"] = report.accuracy
+            metrics.update(report.scalars())
         return metrics
 
     @torch.no_grad()
@@ -133,8 +131,8 @@ class PriorStage:
                      f"`{self.info.tokenizer}` (K={self.info.num_codes}), conditioned on {self.info.num_classes} classes "
                      "with classifier-free guidance."
                      + (f" Sample metrics: {self.args.eval_samples_per_class} samples per class ({sampling}), "
-                        f"{self.evaluator.space.name} features, against {self.evaluator.reference_name}; "
-                        "`fd_floor` is the Fréchet distance of as many real training images." if self.evaluator else "")),  # fmt: skip
+                        f"{', '.join(s.name for s in self.evaluator.spaces)} features, against {self.evaluator.reference_name}; "
+                        "`fd` and `fd_floor` are the first space's, the floor that of as many real training images." if self.evaluator else "")),  # fmt: skip
             dataset=self.dataset,
             details={"dataset": self.dataset, "preset": self.args.preset, "architecture": arch, "tokenizer": self.info.tokenizer,
                      "layers": cfg.num_hidden_layers, "width": cfg.hidden_size, "heads": cfg.num_attention_heads,
@@ -171,10 +169,10 @@ def main(argv=None):
     if prior_args.classifier:
         if tokenizer is None:
             raise UsageError("--classifier scores samples, which needs the tokenizer the codes name; it could not be loaded")
-        classifier = Classifier.from_pretrained(prior_args.classifier).to(accelerator.device).eval()
+        spaces, classifier = load_spaces(prior_args.classifier, prior_args.eval_spaces, accelerator.device)
         reference = DataArguments(dataset=meta.get("dataset") or classifier.config.dataset, max_eval_samples=data_args.max_eval_samples)  # fmt: skip
         with accelerator.main_process_first():
-            evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), reference, classifier=classifier)
+            evaluator = Evaluator.from_dataset(spaces, reference, classifier=classifier)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_prior(prior_args.preset, info, arch=prior_args.arch, n_layer=prior_args.n_layer, n_embd=prior_args.n_embd,
                         n_head=prior_args.n_head, dropout=prior_args.dropout, depth_layers=prior_args.depth_layers)  # fmt: skip

@@ -15,9 +15,10 @@ from accelerate.utils import extract_model_from_parallel as unwrap
 from common.cli import UsageError, option, parse_args, run_main
 from common.data import TrainingDataArguments, image_loader, image_loaders, load_image_data, model_input
 from common.images import image_grid, psnr
-from evaluation import Classifier, ClassifierSpace, Evaluator
+from evaluation import Embedded, Evaluator, load_spaces
 from tokenizer import PRESETS, VQVAE, get_config
 from tokenizer.model import QUANTIZERS, VQVAEConfig, check_config
+from tokenizer.quantizer import _global_offsets
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, discriminator_loss, generator_loss
 from train.loop import TrainingArguments, make_accelerator, train
 
@@ -32,7 +33,10 @@ class TokenizerArguments:
     dead_threshold: float | None = option(None, "Override the dead-code threshold (0: no restarts).", domain="non-negative")  # fmt: skip
     num_grid_images: int = option(16, "Test images in the reconstruction grid.", domain="positive")
     channels_last: bool = option(False, "NHWC memory format for the convolutions (off: it measured slower on a GPU, docs/scaling.md).")
-    classifier: str | None = option(None, "Reference classifier: evaluation then reports the reconstructions' Fréchet distance, precision, recall and class accuracy.")  # fmt: skip
+    classifier: str | None = option(None, "Reference classifier: evaluation then reports the reconstructions' Fréchet distance, KID, precision, recall, class accuracy and detail.")  # fmt: skip
+    eval_spaces: list[str] = option([], "With --classifier: more feature spaces for that evaluation (as python -m evaluation --spaces).")  # fmt: skip
+    finetune_decoder: str | None = option(None, "Fine-tune only the decoder of this trained tokenizer (taming's decoder-only stage, with --disc-weight): its encoder and codebook, so its codes, stay as they are; the model options are this tokenizer's.")  # fmt: skip
+    finetune_levels: int | None = option(None, "With --finetune-decoder: decode the first N levels of the codes (the levels a prior samples); default every prefix by the tokenizer's quantizer dropout.", domain="positive")  # fmt: skip
     # Codebook options (in the quantizer; EMA, restarts and the distributed equivalence hold for all).
     codebook_dim: int | None = option(None, "Quantize in this many dimensions, through 1x1 projections (LlamaGen: 8).", domain="positive")  # fmt: skip
     l2_codes: bool = option(False, "Unit-norm codes: nearest by cosine (LlamaGen); on top of the preset.")
@@ -90,18 +94,43 @@ class TokenizerStage:
         self.auxiliary = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers) if a.disc_weight > 0 else None
         self.auxiliary_lr = a.disc_lr
 
+    @torch.no_grad()
+    def _frozen_latent(self, model, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Decoder-only fine-tuning: the latent of ``x``'s codes, each image cut to its first d levels (d =
+        --finetune-levels, or drawn by the tokenizer's quantizer dropout at this step, per example of the
+        global batch as in training), computed without updates to the encoder or the codebook."""
+        tok = unwrap(model)
+        codes = tok.encode(x)
+        levels = tok.num_levels
+        if levels == 1:
+            return tok.latent(codes).clone()
+        if self.model_args.finetune_levels:
+            kept = torch.full((len(x),), min(self.model_args.finetune_levels, levels))
+        else:
+            offset, population = _global_offsets(len(x), x.device)
+            g = torch.Generator().manual_seed(tok.config.seed * 1_000_003 + step * 7919 + 5)
+            dropped = torch.rand(population, generator=g) < tok.config.quantizer_dropout
+            depth = torch.randint(1, levels + 1, (population,), generator=g)
+            kept = torch.where(dropped, depth, levels)[offset : offset + len(x)]
+        grid = tok.code_layout(*x.shape[-2:]).grid
+        parts = {d: tok.latent(codes[(kept == d).to(codes.device)], levels=d, grid=grid) for d in kept.unique().tolist()}
+        latent = next(iter(parts.values())).new_zeros(len(x), *next(iter(parts.values())).shape[1:])
+        for d, part in parts.items():
+            latent[(kept == d).to(latent.device)] = part
+        return latent.clone()  # a normal tensor: the decoder's first layer keeps its input for backward
+
     def training_loss(self, model, batch, step):
         a = self.model_args
         x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
-        out = model(x)
+        out = model(x, latent=self._frozen_latent(model, x, step)) if a.finetune_decoder else model(x)
         recon = out.reconstruction
         pixel = (F.l1_loss if a.pixel_loss == "l1" else F.mse_loss)(recon.float(), x.float())
         nll = pixel if self.perceptual is None else pixel + a.perceptual_weight * self.perceptual(recon, x)
         loss = nll + out.commitment_loss
         s = out.stats
-        logs = {"rec_loss": out.reconstruction_loss.detach(), "commit_loss": out.commitment_loss.detach(),
-                "perplexity": s["perplexity"], "usage": s["usage"], "window_usage": s["window_usage"],
-                "restarted": s["restarted"]}  # fmt: skip
+        logs = {"rec_loss": out.reconstruction_loss.detach(), "commit_loss": out.commitment_loss.detach()}
+        if s:  # the codebook's statistics (none when only the decoder trains)
+            logs.update(perplexity=s["perplexity"], usage=s["usage"], window_usage=s["window_usage"], restarted=s["restarted"])
         if self.auxiliary is not None:
             adversarial, disc_loss, weight = self._adversarial(model, x, recon, nll, step)
             loss = loss + weight * adversarial + disc_loss
@@ -134,8 +163,7 @@ class TokenizerStage:
         tokenizer = unwrap(model)
         levels = tokenizer.num_levels
         counts = torch.zeros(levels, tokenizer.config.num_codes, device=accelerator.device)  # per level
-        psnrs, prefix_psnrs, losses, feats, logits, labels = [], [], [], [], [], []
-        classifier = self.evaluator.accuracy_space.classifier if self.evaluator else None
+        psnrs, prefix_psnrs, losses, embedded, labels = [], [], [], [], []
         for batch in loader:
             x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
             out = model(x)
@@ -152,10 +180,10 @@ class TokenizerStage:
             for i, level in enumerate(layout.split(idx)):  # each level's (or scale's) codes
                 counts[i] += torch.bincount(level.flatten(), minlength=counts.shape[1]).float()
             losses.append(float(out.reconstruction_loss))
-            if classifier is not None:  # features on the device, gathered like the rest
-                f = classifier.features(recon.clamp(-1, 1).float())
-                f, lg, y = accelerator.gather_for_metrics((f, classifier.head(f), batch["labels"]))
-                feats.append(f.float().cpu()), logits.append(lg.float().cpu()), labels.append(y.cpu())
+            if self.evaluator is not None:  # every space's features on the device, gathered like the rest
+                e = self.evaluator.embed_batch(recon.clamp(-1, 1))
+                f, lg, detail, y = accelerator.gather_for_metrics((e.features, e.logits, e.detail, batch["labels"]))
+                embedded.append(Embedded(f, lg, detail).cpu()), labels.append(y.cpu())
         probs = counts.sum(0) / counts.sum()
         level_usage = (counts > 0).float().mean(1)
         metrics = {
@@ -168,11 +196,9 @@ class TokenizerStage:
             prefix = torch.cat(prefix_psnrs).mean(0)
             metrics.update({f"psnr_levels_{d + 1}": float(v) for d, v in enumerate(prefix)})
             metrics.update({f"codebook_usage_level_{i + 1}": float(u) for i, u in enumerate(level_usage)})
-        if feats:
-            report = self.evaluator.score_features(torch.cat(feats), torch.cat(logits), torch.cat(labels))
-            metrics.update({"recon_fd": report.fd, "recon_fd_floor": report.fd_floor, "recon_fd_ratio": report.fd_ratio,
-                            "recon_precision": report.precision, "recon_recall": report.recall,
-                            "recon_accuracy": report.accuracy})  # fmt: skip
+        if embedded:
+            report = self.evaluator.score_features(Embedded.cat(embedded), torch.cat(labels))
+            metrics.update(report.scalars("recon_"))
         return metrics
 
     @torch.no_grad()
@@ -215,15 +241,25 @@ def main(argv=None):
                         gumbel_anneal_steps=model_args.gumbel_anneal_steps, gumbel_kl_weight=model_args.gumbel_kl_weight)  # fmt: skip
     transform, size, original = model_input(data, data_args, data.channels, config.downsample_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = VQVAE(config).to(memory_format=torch.channels_last if model_args.channels_last else torch.contiguous_format)
+    if model_args.finetune_decoder:
+        model = VQVAE.from_pretrained(model_args.finetune_decoder)
+        if model.config.in_channels != data.channels:
+            raise UsageError(f"--finetune-decoder {model_args.finetune_decoder}: a {model.config.in_channels}-channel tokenizer; "
+                             f"{data_args.dataset} has {data.channels}-channel images")  # fmt: skip
+        config = model.config
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)  # the codebook's EMA is never run: encode() makes no updates
+    else:
+        model = VQVAE(config)
+    model = model.to(memory_format=torch.channels_last if model_args.channels_last else torch.contiguous_format)
     model.code_layout(*size)  # a scale list that does not end at these images' grid: one line, before any work
     train_loader, eval_loader = image_loaders(data, transform, args, data_args, accelerator)
     grid_set = data.test.select(range(min(model_args.num_grid_images, len(data.test))))
     grid = next(iter(image_loader(grid_set, transform, len(grid_set), shuffle=False)))["pixel_values"]
     evaluator = None
     if model_args.classifier:
-        classifier = Classifier.from_pretrained(model_args.classifier).to(accelerator.device).eval()
-        evaluator = Evaluator(ClassifierSpace(classifier), data, classifier, reference_name=f"{data_args.dataset} test split")
+        spaces, classifier = load_spaces(model_args.classifier, model_args.eval_spaces, accelerator.device)
+        evaluator = Evaluator(spaces, data, classifier, reference_name=f"{data_args.dataset} test split")
     stage = TokenizerStage(data_args, model_args, grid, crop=original if data_args.pad_to_multiple else None,
                            evaluator=evaluator, in_channels=data.channels)  # fmt: skip
     metrics = train(accelerator, args, stage, model, train_loader, eval_loader,
