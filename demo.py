@@ -6,9 +6,11 @@
                                             or with --grid 14 one 14x14 grid from 1024)
 2. accelerate launch -m train.encode       (codes of all 70k images)
 3. accelerate launch -m train.prior        (fashion-mnist preset: Llama over the first level, 600 steps; with --grid 14 GPT-2, 6400 steps)
-4. accelerate launch -m train.classifier   (the reference classifier of the evaluation)
+4. accelerate launch -m train.classifier   (the evaluation's three networks: the reference classifier, a ResNet,
+                                            and a contrastive encoder trained without labels)
 5. python -m sample                        (10 classes x 80 images, at the sampling settings the prior records)
-6. python -m evaluation                    (FD, precision, recall, class accuracy, each beside its real-data floor)
+6. python -m evaluation                    (FD and KID in the three spaces, precision, recall, class accuracy and the
+                                            detail statistic, each beside its real-data floor)
 
 A stage whose output already exists is reused (and says so); --fresh starts over. The folder records the
 settings that trained it (demo.json), and a run with other settings in the same folder stops with one line
@@ -30,6 +32,7 @@ import torch
 
 from common.cli import UsageError, option, parse_args, run_main
 from common.files import atomic_write_text
+from evaluation import Report
 from prior import ARCHITECTURES
 
 # The demo's chain for each code grid, chosen in docs/recipe.md and docs/tokenizer.md: the tokenizer's
@@ -44,6 +47,10 @@ RECIPES = {
              prior_arch="gpt2", sampling=["--sample-guidance-scale", "2.5", "--sample-guidance-schedule", "linear", "--sample-top-k", "200"]),
 }  # fmt: skip
 
+# The evaluation's other networks (python -m evaluation --spaces): another family, and one without labels.
+JUDGES = {"resnet": ["--arch", "resnet", "--shift", "2", "--flip"],
+          "contrastive": ["--arch", "resnet", "--objective", "contrastive", "--train-batch-size", "64"]}  # 128 views a step
+
 # A prior step over 196 codes on 2 CPU cores, the range of the machines in docs/results.md.
 CPU_SECONDS_PER_196_CODE_STEP = (1.9, 3.9)
 
@@ -56,7 +63,7 @@ class DemoArguments:
     tokenizer_steps: int = option(1000, "Training steps of the tokenizer.", domain="positive")
     prior_steps: int | None = option(None, "Training steps of the prior at learning rate 1e-3 (default: 600 at --grid 7, 6400 at --grid 14; docs/recipe.md).", domain="positive")  # fmt: skip
     prior_arch: str | None = option(None, "The prior's architecture (default: llama at --grid 7, gpt2 at --grid 14; docs/recipe.md).", choices=list(ARCHITECTURES))  # fmt: skip
-    classifier_steps: int = option(1000, "Training steps of the reference classifier.", domain="positive")
+    classifier_steps: int = option(1000, "Training steps of each of the evaluation's networks.", domain="positive")
     per_class: int = option(80, "Samples per class, scored by the evaluation.", domain="positive")
     preset: str = option("fashion-mnist", "Preset of both stages (tiny: a smoke test).", choices=["fashion-mnist", "tiny"])
     max_samples: int | None = option(None, "Use only this many training images (a quarter as many test images).", domain="positive")  # fmt: skip
@@ -109,6 +116,7 @@ def run_chain(args: DemoArguments) -> dict:
         os.makedirs(out, exist_ok=True)
         atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
     tok, codes, prior, clf, samples = (os.path.join(out, d) for d in ("tokenizer", "codes", "prior", "classifier", "samples"))  # fmt: skip
+    judges = {name: os.path.join(out, name) for name in JUDGES}
     minutes: dict[str, float] = {}
 
     def stage(name: str, done: str, cmd: list[str]) -> None:
@@ -127,19 +135,20 @@ def run_chain(args: DemoArguments) -> dict:
         "train.prior", "--codes", codes, "--preset", preset, "--arch", prior_arch, *recipe["prior"], *recipe["sampling"], "--output-dir", prior,
         "--train-batch-size", "128", "--max-train-steps", str(prior_steps), "--learning-rate", "1e-3", "--lr-warmup-steps", "100",
         "--eval-steps", str(prior_steps), "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
-    stage("classifier", os.path.join(clf, "metrics.json"), _launch(
-        "train.classifier", "--dataset", "fashion_mnist", "--output-dir", clf, *limit,
-        "--max-train-steps", str(args.classifier_steps), "--eval-steps", str(args.classifier_steps),
-        "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
+    for name, path, options in (("classifier", clf, []), *((n, judges[n], o) for n, o in JUDGES.items())):
+        stage(name, os.path.join(path, "metrics.json"), _launch(
+            "train.classifier", "--dataset", "fashion_mnist", *options, "--output-dir", path, *limit,
+            "--max-train-steps", str(args.classifier_steps), "--eval-steps", str(args.classifier_steps),
+            "--checkpointing-steps", "500", "--logging-steps", "50", "--mixed-precision", args.mixed_precision))  # fmt: skip
     # The sampling settings are those the prior records (chosen in docs/recipe.md), python -m sample's default.
     minutes["sample"] = _run([sys.executable, "-m", "sample", "--prior", prior, "--classes", "all",
                               "--per-class", str(args.per_class), "--seed", "0", "--output-dir", samples]) / 60  # fmt: skip
     report = os.path.join(out, "evaluation.json")
-    minutes["evaluation"] = _run([sys.executable, "-m", "evaluation", "--samples", samples, "--classifier", clf,
+    minutes["evaluation"] = _run([sys.executable, "-m", "evaluation", "--samples", samples, "--classifier", clf, "--spaces", *judges.values(),
                                   *(["--max-reference", str(max_samples // 4)] if max_samples else []),
                                   "--output-json", report]) / 60  # fmt: skip
     metrics = {}
-    for name, path in (("tokenizer", tok), ("prior", prior), ("classifier", clf)):
+    for name, path in (("tokenizer", tok), ("prior", prior), ("classifier", clf), *judges.items()):
         with open(os.path.join(path, "metrics.json")) as f:
             metrics[name] = json.load(f)
     with open(report) as f:
@@ -157,8 +166,9 @@ def main(argv=None):
 vqgpt demo finished in {(time.perf_counter() - t) / 60:.1f} min
   tokenizer  {r['tokenizer']}   test PSNR {tm['psnr']:.2f} dB{f" (its first level alone {tm['psnr_levels_1']:.2f})" if 'psnr_levels_1' in tm else ''}, codebook usage {tm['codebook_usage']:.1%}, perplexity {tm['perplexity']:.0f}
   prior      {r['prior']}   {r['prior_arch']}, {r['prior_steps']} steps, test {pm['bits_per_token']:.3f} bits/token ({pm['bits_per_image']:.0f} bits/image)
-  classifier test accuracy {cm['accuracy']:.3f}
-  samples    FD {sm['fd']:.3f} (real-data floor {sm['fd_floor']:.3f}, {sm['fd'] / sm['fd_floor']:.1f}x), precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}), class accuracy {sm['accuracy']:.3f}
+  evaluation networks: the reference classifier's test accuracy {cm['accuracy']:.3f}, the ResNet's {r['metrics']['resnet']['accuracy']:.3f}, the contrastive encoder's positive top-1 {r['metrics']['contrastive']['positive_top1']:.3f}
+  samples    {Report.from_dict(sm).summary()}
+             precision {sm['precision']:.3f} (floor {sm['precision_floor']:.3f}), recall {sm['recall']:.3f} (floor {sm['recall_floor']:.3f}) in the reference classifier's space
   grid       {r['grid']}
              one row per class, its name on the left: the first {min(args.per_class, 16)} of its {args.per_class} samples;
              every sample is a file under {r['samples']}/<class>/""")  # fmt: skip

@@ -34,7 +34,7 @@ from bench.common import machine
 from common.cli import keep_freed_memory
 from common.data import DataArguments, column, load_tensors
 from common.images import psnr
-from evaluation import Classifier, ClassifierSpace, Evaluator
+from evaluation import Evaluator, load_spaces
 from sample import ClassConditionalPipeline
 from tokenizer import VQVAE
 
@@ -255,11 +255,14 @@ def main():
     keep_freed_memory()  # as every vqgpt command runs (bench/cpu_memory.py)
     p = argparse.ArgumentParser()
     p.add_argument("--classifier", required=True)
+    p.add_argument("--spaces", default="", help="comma list of more feature spaces, as python -m evaluation --spaces")
     p.add_argument("--dataset", default="fashion_mnist", help="what the rows train on and are scored against")
     p.add_argument("--out", default="runs/recipe")
     p.add_argument("--tokenizers", default="", help=f"'all' or a comma list of {list(TOKENIZERS)}")
     p.add_argument("--priors", default="", help=f"'all' or a comma list of {list(PRIORS)}")
     p.add_argument("--prior", default=None, help="score this trained prior (with --sampling) instead")
+    p.add_argument("--recon", default="", help="comma list of trained tokenizer folders: score their reconstructions at every prefix of the levels")
+    p.add_argument("--tokenizer", default=None, help="with --prior: decode with this tokenizer instead of the one the prior names (a fine-tuned decoder)")
     p.add_argument("--sampling", default="guidance", choices=list(SAMPLING))
     p.add_argument("--per-class", type=int, default=80)
     p.add_argument("--seeds", default="0", help="comma list: every setting is sampled once per seed (mean and spread printed)")
@@ -270,22 +273,22 @@ def main():
     print(f"machine: {machine()}", flush=True)
     extra = SMOKE if args.smoke else []
     os.makedirs(args.out, exist_ok=True)
-    classifier = Classifier.from_pretrained(args.classifier).to(args.device).eval()
-    evaluator = Evaluator.from_dataset(ClassifierSpace(classifier), DataArguments(dataset=args.dataset), classifier=classifier)
+    spaces, classifier = load_spaces(args.classifier, [s for s in args.spaces.split(",") if s], args.device)
+    evaluator = Evaluator.from_dataset(spaces, DataArguments(dataset=args.dataset), classifier=classifier)
     labels = torch.arange(len(evaluator.data.class_names)).repeat_interleave(args.per_class)
     seeds = [int(s) for s in args.seeds.split(",")]
     pick = lambda spec, table: list(table) if spec == "all" else [n for n in spec.split(",") if n and n != "none"]  # noqa: E731
     with open(args.rows_file or os.path.join(args.out, "rows.jsonl"), "a") as log:
         if pick(args.tokenizers, TOKENIZERS):  # the bound of every row: the very test images a perfect tokenizer returns
             r = evaluator.score(*balanced_test_images(evaluator, args.per_class))
-            print(f"the test images themselves: FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor)", flush=True)
+            print(f"the test images themselves: {r.summary()}", flush=True)
             _log(log, {"kind": "tokenizer", "row": "originals", "dataset": args.dataset, "device": machine(), **r.to_dict()})
         for name in pick(args.tokenizers, TOKENIZERS):
             tok, minutes = train_tokenizer(args.out, name, extra, args.dataset)
             reports = recon_reports(tok, evaluator, args.device, args.per_class)
             r = reports[-1]
             metrics = json.load(open(os.path.join(tok, "metrics.json")))
-            print(f"tokenizer {name}: recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), PSNR {metrics['psnr']:.2f}, "
+            print(f"tokenizer {name}: recon {r.summary()}, PSNR {metrics['psnr']:.2f}, "
                   f"usage {metrics['codebook_usage']:.3f}, {minutes or 0:.1f} min", flush=True)  # fmt: skip
             _log(log, {"kind": "tokenizer", "row": name, "dataset": args.dataset, "options": TOKENIZERS[name], "minutes": minutes,
                        "device": machine(), **{k: v for k, v in metrics.items() if k.startswith(("psnr", "codebook_usage", "perplexity"))},
@@ -295,12 +298,17 @@ def main():
             for d, r in enumerate(reports, 1):  # the rate-distortion table: every prefix of the levels
                 bits = grid.length(d) * math.log2(tok_model.config.num_codes)
                 print(f"tokenizer {name}, first {d} level(s): {bits:.0f} bits per image, PSNR {r.psnr:.2f}, "
-                      f"recon FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor)", flush=True)  # fmt: skip
+                      f"recon {r.summary()}", flush=True)  # fmt: skip
                 _log(log, {"kind": "tokenizer-levels", "row": name, "levels": d, "bits_per_image": bits, "psnr": r.psnr,
                            "dataset": args.dataset, "device": machine(), **r.to_dict()})  # fmt: skip
+        for path in [d for d in args.recon.split(",") if d]:
+            for d, r in enumerate(recon_reports(path, evaluator, args.device, args.per_class), 1):
+                print(f"tokenizer {path}, first {d} level(s): PSNR {r.psnr:.2f}, recon {r.summary()}", flush=True)
+                _log(log, {"kind": "tokenizer-levels", "row": path, "levels": d, "psnr": r.psnr, "dataset": args.dataset,
+                           "device": machine(), **r.to_dict()})  # fmt: skip
         priors = [("given", args.prior, None)] if args.prior else [(n, *train_prior(args.out, n, extra, args.dataset)) for n in pick(args.priors, PRIORS)]  # fmt: skip
         for name, path, minutes in priors:
-            pipe = ClassConditionalPipeline.from_pretrained(path, device=args.device)
+            pipe = ClassConditionalPipeline.from_pretrained(path, tokenizer=args.tokenizer if name == "given" else None, device=args.device)
             metrics = json.load(open(os.path.join(path, "metrics.json")))
             for setting in SAMPLING[args.sampling]:
                 draws = []
@@ -310,13 +318,15 @@ def main():
                     per_second = len(labels) / (time.perf_counter() - start)
                     r = evaluator.score(images, labels)
                     draws.append(r)
-                    print(f"prior {name} {setting} seed {seed}: FD {r.fd:.3f} ({r.fd_ratio:.2f}x floor), precision {r.precision:.3f}, "
-                          f"recall {r.recall:.3f}, accuracy {r.accuracy:.3f}, {per_second:.1f} images/s", flush=True)  # fmt: skip
+                    print(f"prior {name} {setting} seed {seed}: {r.summary()}, precision {r.precision:.3f}, "
+                          f"recall {r.recall:.3f}, {per_second:.1f} images/s", flush=True)  # fmt: skip
                     _log(log, {"kind": "samples", "row": name, "options": PRIORS.get(name, ("", []))[1], "minutes": minutes, "seed": seed,
                                "images_per_second": per_second,
                                "device": machine(), "bits_per_token": metrics["bits_per_token"], **setting, **r.to_dict()})  # fmt: skip
                 if len(draws) > 1:  # the spread of the draws: what a difference between two rows must exceed
-                    stats = {k: [getattr(r, k) for r in draws] for k in ("fd", "precision", "recall", "accuracy")}
+                    stats = {k: [getattr(r, k) for r in draws] for k in ("fd", "precision", "recall", "accuracy", "detail")}
+                    stats.update({f"fd_ratio {s.space}": [r.space(s.space).fd_ratio for r in draws] for s in draws[0].spaces})
+                    stats.update({f"kid {s.space}": [r.space(s.space).kid for r in draws] for s in draws[0].spaces})
                     print(f"prior {name} {setting} over {len(draws)} seeds: " + ", ".join(
                         f"{k} {statistics.mean(v):.3f} +- {statistics.stdev(v):.3f}" for k, v in stats.items()), flush=True)  # fmt: skip
             del pipe

@@ -22,10 +22,10 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     args = ["demo.py", "--out", str(out), "--preset", "tiny", "--max-samples", "2048",
             "--tokenizer-steps", "40", "--prior-steps", "40", "--classifier-steps", "20", "--per-class", "8"]  # fmt: skip
     proc = run([sys.executable, *args])
-    for name in ("tokenizer", "prior", "classifier"):
+    for name in ("tokenizer", "prior", "classifier", "resnet", "contrastive"):
         files = set(os.listdir(out / name))
         assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= files, files
-        assert name == "classifier" or "images" in files, files
+        assert name in ("tokenizer", "prior") or "images" not in files, files
     assert (out / "prior" / "generation_config.json").exists()
     from train.loop import resolve_precision
 
@@ -39,7 +39,9 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     assert "accelerate.commands.launch" in proc.stdout and "-m train.tokenizer" in proc.stdout
     report = json.loads((out / "evaluation.json").read_text())
     assert report["num_samples"] == 80 and 0 <= report["accuracy"] <= 1 and report["fd_floor"] > 0, report
-    for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "classifier test accuracy", "samples    FD", "floor", "grid  "):
+    assert [s["space"] for s in report["spaces"]] == ["vgg", "resnet", "contrastive-resnet"] and report["detail"] > 0
+    for line in ("tokenizer  ", "test PSNR", "codebook usage", "bits/token", "the reference classifier's test accuracy",
+                 "the contrastive encoder's positive top-1", "samples    FD / floor: vgg", "contrastive-resnet", "detail", "grid  "):  # fmt: skip
         assert line in proc.stdout, line
     pipe = ClassConditionalPipeline.from_pretrained(str(out / "prior"))
     assert pipe.prior.config.model_type == "llama"  # the demo's prior (docs/recipe.md)
@@ -47,14 +49,15 @@ def test_demo_path_writes_every_artifact_and_reuses_finished_stages(tmp_path):
     assert pipe(["Bag"], seed=0).shape == (1, 1, 28, 28)
 
     again = run([sys.executable, *args])
-    assert again.stdout.count("reusing") == 4, again.stdout  # tokenizer, codes, prior and classifier are not retrained
+    assert again.stdout.count("reusing") == 6, again.stdout  # tokenizer, codes, prior and the three networks are not retrained
 
-    # --grid 14: the 14x14 recipe (docs/recipe.md) through the same chain; the classifier is the one above.
+    # --grid 14: the 14x14 recipe (docs/recipe.md) through the same chain; the evaluation's networks are those above.
     out14 = tmp_path / "demo14"
-    shutil.copytree(out / "classifier", out14 / "classifier")
+    for name in ("classifier", "resnet", "contrastive"):
+        shutil.copytree(out / name, out14 / name)
     small = ["--max-samples", "1024", "--tokenizer-steps", "20", "--prior-steps", "20", "--per-class", "4"]  # the chain, not its quality
     grid14 = run([sys.executable, "demo.py", "--out", str(out14), "--grid", "14", *args[3:], *small])
-    assert grid14.stdout.count("reusing") == 1 and "--num-downsamples 1 --num-codes 1024 --learning-rate 4e-3" in grid14.stdout
+    assert grid14.stdout.count("reusing") == 3 and "--num-downsamples 1 --num-codes 1024 --learning-rate 4e-3" in grid14.stdout
     assert "gpt2, 20 steps" in grid14.stdout
     pipe = ClassConditionalPipeline.from_pretrained(str(out14 / "prior"))
     assert pipe.prior.config.model_type == "gpt2" and pipe.info.seq_len == 196 and pipe.info.num_codes == 1024
