@@ -125,3 +125,11 @@ def chain(tmp_path_factory, worker_id):
             (root / "built").touch()
     return {"root": root, "tokenizer": root / "tok", "codes": root / "codes", "prior": root / "prior",
             "classifier": root / "classifier"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `-n auto --dist loadfile`: the end-to-end module (the longest, without the chain) first, then the
+    modules that use the chain, then the rest; so one worker runs the demo while another builds the chain,
+    and short modules fill the end instead of a long one running alone."""
+    with_chain = {item.path.name for item in items if "chain" in item.fixturenames}
+    items.sort(key=lambda item: 0 if item.path.name == "test_end_to_end.py" else 1 if item.path.name in with_chain else 2)
