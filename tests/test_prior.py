@@ -166,7 +166,7 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     args = ["--codes", str(chain["codes"]), "--arch", "llama", "--preset", "tiny", "--train-batch-size", "64",
             "--max-eval-samples", "100", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "3",
             "--checkpointing-steps", "10", "--eval-steps", "100", "--dropout", "0.1",
-            "--classifier", str(chain["classifier"]), "--eval-samples-per-class", "5",
+            "--classifier", str(chain["classifier"]), "--eval-spaces", str(chain["classifier"]), "--eval-samples-per-class", "5",
             "--sample-guidance-scale", "1.5", "--sample-top-k", "0", "--sample-guidance-schedule", "linear"]  # fmt: skip
     full, split = resumed_and_uninterrupted("train.prior", args, tmp_path, steps=20, stop=10)
     assert full.keys() == split.keys() and any("mlp.gate_proj" in k for k in full)  # SwiGLU
@@ -175,7 +175,8 @@ def test_llama_prior_trains_resumes_saves_loads_and_samples(chain, tmp_path):
     model, info = load_prior(str(tmp_path / "full"))
     assert model.config.model_type == "llama" and info.class_names == FASHION_MNIST_CLASSES
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    assert {"fd", "fd_floor", "precision", "recall", "class_accuracy"} <= set(metrics) and metrics["fd"] > 0
+    assert {"fd", "fd_floor", "precision", "recall", "class_accuracy", "detail", "kid_vgg", "fd_ratio_vgg-2"} <= set(metrics) and metrics["fd"] > 0
+    assert metrics["fd_ratio_vgg-2"] == pytest.approx(metrics["fd_ratio_vgg"]), "a second space: the same network, the same figure"
     card = (tmp_path / "full" / "README.md").read_text()
     assert "llama" in card and "| fd |" in card and "| class_accuracy |" in card
     assert "guidance_scale 1.5, temperature 1.0, top_k 0, top_p 1.0, guidance_schedule linear" in card, "the card names what it samples at"

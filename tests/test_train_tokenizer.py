@@ -129,3 +129,14 @@ def test_mixed_precision_auto_follows_the_hardware():
     assert "AMX" in resolve_precision("auto", "tokenizer", flags=amx)[1]
     assert resolve_precision("bf16", "prior") == ("bf16", "asked for") and resolve_precision("no", "tokenizer", flags=amx)[0] == "no"
     assert resolve_precision("auto", "prior", gpu_bf16=True)[0] == "bf16" and resolve_precision("auto", "prior", gpu_bf16=False)[0] == "no"
+
+
+def test_evaluation_scores_reconstructions_in_every_space(chain, tmp_path):
+    """--classifier and --eval-spaces: the reconstructions of the test split in each space, with the detail
+    ratio and class accuracy, in metrics.json (a second copy of the classifier: the same figures)."""
+    clf = str(chain["classifier"])
+    python_m("train.tokenizer", *ARGS[:8], "--max-train-steps", "4", "--eval-steps", "4", "--checkpointing-steps", "100",
+             "--classifier", clf, "--eval-spaces", clf, "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"recon_fd", "recon_kid_vgg", "recon_detail", "recon_class_accuracy", "recon_worst_fd_ratio"} <= set(metrics), metrics
+    assert metrics["recon_fd_ratio_vgg-2"] == pytest.approx(metrics["recon_fd_ratio_vgg"]) and 0 < metrics["recon_detail"] < 2
