@@ -204,6 +204,7 @@ def test_residual_tokenizer_trains_resumes_exactly_and_its_codes_keep_their_leve
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert {k.split(".")[0] for k in full if not torch.equal(full[k], a[k])} == {"decoder"}, "the encoder and codebooks stay"
+    assert "Its decoder fine-tuned from" in (tmp_path / "tuned" / "full" / "README.md").read_text()
     python_m("train.tokenizer", *tuned, "--finetune-levels", "1", "--max-train-steps", "2", "--output-dir", str(tmp_path / "level1"))
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     original, level1 = VQVAE.from_pretrained(tmp_path / "full"), VQVAE.from_pretrained(tmp_path / "level1")

@@ -217,9 +217,12 @@ class TokenizerStage:
                          f"{cfg.levels} residual levels of codes at every position" + (" (one shared codebook)" if cfg.shared_codebook else ""))
                         + ", every prefix of them decodable")
                      + f" from a codebook of K={cfg.num_codes} (D={cfg.code_dim}), downsampling f={cfg.downsample_factor}, "
-                     "EMA codebook with dead-code restarts."),  # fmt: skip
+                     "EMA codebook with dead-code restarts."
+                     + (f" Its decoder fine-tuned from `{self.model_args.finetune_decoder}` (encoder and codebooks unchanged)."
+                        if self.model_args.finetune_decoder else "")),  # fmt: skip
             dataset=self.data_args.dataset,
-            details={"dataset": self.data_args.dataset, "preset": self.model_args.preset, **asdict(cfg)},
+            details={"dataset": self.data_args.dataset, **({"decoder fine-tuned from": self.model_args.finetune_decoder} if self.model_args.finetune_decoder
+                     else {"preset": self.model_args.preset}), **asdict(cfg)},  # fmt: skip
             tags=["vq-vae", "image-tokenizer"],
             usage='from tokenizer import VQVAE\nmodel = VQVAE.from_pretrained("PATH_OR_REPO_ID")\n'
                   "codes = model.encode(images)   # images: (B, C, H, W) in [-1, 1]\n"
